@@ -1,0 +1,1 @@
+"""The inspection service (FastAPI + ONNX Runtime). Never imports torch."""

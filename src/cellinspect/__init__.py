@@ -1,0 +1,3 @@
+"""cellinspect: defect inspection for battery cell production."""
+
+__version__ = "0.1.0"

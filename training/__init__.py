@@ -1,0 +1,1 @@
+"""Networks, augmentation, the fit loop and ONNX export (the only package that imports torch)."""

@@ -1,0 +1,46 @@
+"""Training config: defaults < YAML < flags, and errors that name the file and the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from cellinspect.training.config import ConfigError, resolve_config
+from cellinspect.training.networks import Arch
+
+
+def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data: d\nout: o\narch: resnet18\nepochs: 7\nlr: 0.01\n")
+    cfg = resolve_config(yaml_path=path, overrides={"epochs": 3, "lr": None})
+    assert cfg.arch is Arch.RESNET18  # from YAML
+    assert cfg.epochs == 3  # flag beats YAML
+    assert cfg.lr == 0.01  # a flag left unset does not erase the YAML value
+    assert cfg.batch_size == 64  # default
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [(96, (96, 96)), ("128x256", (128, 256)), ("64", (64, 64))]
+)
+def test_img_size_accepts_side_or_height_by_width(raw, expected) -> None:
+    assert resolve_config(overrides={"data": "d", "out": "o", "img_size": raw}).img_size == expected
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: d\nout: o\nepoch: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*epoch"):
+        resolve_config(yaml_path=path)
+
+
+def test_bad_arch_lists_choices() -> None:
+    with pytest.raises(ConfigError, match="arch.*mobilenet_v3_small"):
+        resolve_config(overrides={"data": "d", "out": "o", "arch": "vgg"})
+
+
+def test_missing_and_malformed_yaml_are_named(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        resolve_config(yaml_path=tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        resolve_config(yaml_path=broken)

@@ -1,0 +1,52 @@
+"""Networks: every registered architecture, 1- and 3-channel stems, local weights only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cellinspect.training.networks import Arch, adapt_input_conv, create_model, parse_arch
+
+
+@pytest.mark.parametrize("arch", list(Arch))
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_every_arch_builds_with_native_channel_count(arch: Arch, in_chans: int) -> None:
+    model = create_model(arch, num_classes=5, in_chans=in_chans).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, in_chans, 64, 64))
+    assert out.shape == (2, 5)
+
+
+def test_unknown_arch_lists_valid_choices() -> None:
+    with pytest.raises(ValueError, match="resnet18.*mobilenet_v3_small"):
+        parse_arch("vgg19")
+
+
+def test_gray_stem_from_rgb_weights_gives_same_response_to_gray_input() -> None:
+    rgb = torch.randn(8, 3, 3, 3)
+    gray = adapt_input_conv(rgb, 1)
+    x = torch.rand(1, 1, 9, 9)
+    expected = torch.nn.functional.conv2d(x.repeat(1, 3, 1, 1), rgb)
+    assert torch.allclose(torch.nn.functional.conv2d(x, gray), expected, atol=1e-5)
+
+
+def test_local_rgb_weights_load_into_gray_model_with_new_head(tmp_path) -> None:
+    source = create_model("resnet18", num_classes=1000, in_chans=3)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model = create_model("resnet18", num_classes=4, in_chans=1, weights=path)
+    assert torch.allclose(model.conv1.weight, source.conv1.weight.sum(1, keepdim=True))
+    assert torch.equal(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    assert model.fc.out_features == 4
+
+
+def test_missing_weights_file_is_named(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        create_model("resnet18", num_classes=2, weights=tmp_path / "nope.pth")
+
+
+def test_weights_of_another_arch_are_refused(tmp_path) -> None:
+    path = tmp_path / "mnv3.pth"
+    torch.save(create_model("mobilenet_v3_small", num_classes=2).state_dict(), path)
+    with pytest.raises(ValueError, match="do not fit resnet18"):
+        create_model("resnet18", num_classes=2, weights=path)

@@ -1,0 +1,114 @@
+"""Training configuration: typed defaults < YAML file < command-line flags, resolved once."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cellinspect.datasets.preprocess import ResizeMode
+from cellinspect.training.augment import AugmentPreset
+from cellinspect.training.networks import Arch
+
+
+class BalanceMode(StrEnum):
+    LOSS = "loss"  # class-weighted cross-entropy (inverse frequency)
+    SAMPLER = "sampler"  # weighted random sampler: every class seen equally often
+    NONE = "none"
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides a training run; saved as config.yaml in the run directory."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+    data: str  # data directory (ImageFolder, MVTec, synthetic output) or manifest/CSV file
+    out: str  # run directory
+    arch: Arch = Arch.MOBILENET_V3_SMALL
+    epochs: int = Field(15, ge=1)  # upper bound; early stopping may end sooner
+    img_size: tuple[int, int] = (128, 128)  # (height, width) of the model input
+    resize: ResizeMode = ResizeMode.STRETCH
+    channels: Literal[1, 3] | None = None  # None: 1 if the first image is gray, else 3
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)  # AdamW peak learning rate
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)  # linear warm-up, then cosine decay to 0
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    balance: BalanceMode = BalanceMode.LOSS
+    augment: AugmentPreset = AugmentPreset.FLIPS
+    patience: int = Field(5, ge=1)  # epochs without validation improvement before stopping
+    workers: int = Field(2, ge=0)  # DataLoader worker processes
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: all cores owned
+    seed: int = 0
+    split_seed: int = 0  # for data without a split: deterministic stratified split
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+    weights: str | None = None  # local pretrained weights file; nothing is downloaded
+    device: str = "auto"  # auto, cpu, cuda, cuda:1
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    good_class: str | None = None  # None: "ok" or "good" when present
+    skip_bad: bool = False  # skip unreadable images (counted) instead of failing
+    max_pixels: int = Field(40_000_000, ge=1)
+
+    @field_validator("img_size", mode="before")
+    @classmethod
+    def _parse_size(cls, value: Any) -> Any:
+        """Accept 128, "128", "128x256" or [128, 256]."""
+        if isinstance(value, int):
+            return (value, value)
+        if isinstance(value, str):
+            parts = value.lower().split("x")
+            if len(parts) == 1:
+                return (int(parts[0]), int(parts[0]))
+            if len(parts) == 2:
+                return (int(parts[0]), int(parts[1]))
+            raise ValueError("img_size must look like 128 or 128x256 (height x width)")
+        return value
+
+    @field_validator("img_size")
+    @classmethod
+    def _check_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 32 or max(value) > 2048:
+            raise ValueError("img_size sides must be between 32 and 2048 pixels")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A config file or flag that cannot be used; the message names the file and the key."""
+
+
+def resolve_config(
+    *, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """defaults < YAML file < explicit overrides (command-line flags that were given)."""
+    values: dict[str, Any] = {}
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as exc:
+        where = f"{yaml_path}: " if yaml_path else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{where}invalid training config: {problems}") from None

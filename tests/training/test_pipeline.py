@@ -1,0 +1,111 @@
+"""Train -> resume -> export -> publish on a tiny synthetic set, and the gates around it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellinspect.cli.data import synthesize
+from cellinspect.datasets.decode import read_image
+from cellinspect.datasets.samples import Split
+from cellinspect.datasets.synth import SynthKind
+from cellinspect.models.predict import LoadedModel
+from cellinspect.models.store import ModelStore
+from cellinspect.training.config import TrainConfig
+from cellinspect.training.data import PreparedImageDataset, load_training_data, prepare_all
+from cellinspect.training.export import ExportParityError, export_run
+from cellinspect.training.fit import BEST, CONFIG, LAST, METRICS, build_spec, fit
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "electrode"
+    synthesize(SynthKind.ELECTRODE, out, count=12, seed=0, size=64, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data, tmp_path_factory) -> TrainConfig:
+    cfg = TrainConfig(
+        data=str(tiny_data),
+        out=str(tmp_path_factory.mktemp("run")),
+        epochs=2,
+        img_size=64,
+        batch_size=16,
+        workers=0,
+    )
+    fit(cfg, progress=False)
+    return cfg
+
+
+def test_fit_writes_checkpoints_metrics_and_resolved_config(trained_run) -> None:
+    run = trained_run.run_dir
+    assert (run / BEST).is_file() and (run / LAST).is_file()
+    lines = [json.loads(x) for x in (run / METRICS).read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1]
+    assert all(0.0 <= r["val_macro_f1"] <= 1.0 and r["train_loss"] > 0 for r in lines)
+    assert "img_size:\n- 64\n- 64" in (run / CONFIG).read_text()
+    state = torch.load(run / LAST, weights_only=False)
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "config"} <= state.keys()
+
+
+def test_resume_continues_from_last_epoch(trained_run) -> None:
+    more = trained_run.model_copy(update={"epochs": 3})
+    result = fit(more, progress=False)
+    assert result.epochs_run == 1  # only epoch 3 was left
+    epochs = [json.loads(x)["epoch"] for x in (more.run_dir / METRICS).read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_training_eval_path_and_predict_path_feed_identical_arrays(trained_run, tmp_path) -> None:
+    store = ModelStore(tmp_path / "store")
+    card = export_run(trained_run.run_dir, store=store, name="tiny-electrode")
+    data = load_training_data(trained_run)
+    spec = build_spec(trained_run, data)
+    assert spec == card.preprocessing
+    samples = data.splits[Split.VAL][:8]
+    train_side = PreparedImageDataset(
+        prepare_all(samples, spec, max_pixels=10**7), data.labels(Split.VAL)[:8], spec
+    )
+    expected = np.stack([train_side[i][0].numpy() for i in range(len(samples))])
+
+    loaded = LoadedModel.load(store, "tiny-electrode@1")
+    fed: list[np.ndarray] = []
+    run = loaded._run
+    loaded._run = lambda batch: (fed.append(batch.copy()), run(batch))[1]  # type: ignore[method-assign]
+    loaded.predict([read_image(s.path) for s in samples])
+    np.testing.assert_array_equal(np.concatenate(fed), expected)
+
+
+def test_export_publishes_verified_version_with_parity_and_metrics(trained_run, tmp_path) -> None:
+    store = ModelStore(tmp_path / "store")
+    card = export_run(trained_run.run_dir, store=store, name="tiny-electrode")
+    assert card.version == "1"
+    assert card.parity["max_abs_diff"] <= 1e-4 and card.parity["samples"] > 0
+    assert set(card.metrics) == {"val", "test"}
+    assert card.training_data is not None and card.training_data.count > 0
+    stored, onnx_path = store.load_verified("tiny-electrode@1")
+    assert stored.onnx_sha256 == card.onnx_sha256
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert json.loads(meta["cellinspect.class_names"]) == card.class_names
+    assert json.loads(meta["cellinspect.preprocessing"]) == card.preprocessing.model_dump(
+        mode="json"
+    )
+
+
+def test_export_refuses_to_publish_when_parity_fails(trained_run, tmp_path) -> None:
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(ExportParityError, match="nothing was published"):
+        export_run(trained_run.run_dir, store=store, name="tiny-electrode", tolerance=-1.0)
+    assert store.list_models() == []
+
+
+def test_export_without_training_names_missing_checkpoint(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="best.pt"):
+        export_run(tmp_path, store=ModelStore(tmp_path / "store"), name="x")

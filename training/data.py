@@ -1,0 +1,143 @@
+"""From a data source to PyTorch datasets, through the preprocessing contract.
+
+Images are decoded and `prepare()`d once, in a thread pool, into one contiguous array:
+on a 2-core machine, decoding PNGs every epoch would starve the model. Workers only
+augment and normalise, and share the array copy-on-write after fork.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cellinspect.datasets.adapters import load_samples
+from cellinspect.datasets.decode import read_image
+from cellinspect.datasets.manifest import Manifest, build_manifest, load_manifest, write_manifest
+from cellinspect.datasets.preprocess import PreprocessSpec, normalize, prepare
+from cellinspect.datasets.samples import Sample, Split
+from cellinspect.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+GOOD_CLASS_NAMES = ("ok", "good", "pass", "normal")
+
+
+@dataclass
+class TrainingData:
+    """The resolved data of one run: its manifest, classes and the samples of each split."""
+
+    manifest: Manifest
+    manifest_path: Path
+    class_names: list[str]
+    good_class: str
+    splits: dict[Split, list[Sample]]
+
+    def labels(self, split: Split) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.class_names)}
+        return np.array([index[s.label] for s in self.splits[split]], dtype=np.int64)
+
+
+def resolve_manifest(cfg: TrainConfig) -> tuple[Manifest, Path]:
+    """Use the source's manifest, or build one (hashes + stratified split) into the run dir."""
+    source = Path(cfg.data)
+    if source.is_file() and source.suffix == ".json":
+        return load_manifest(source), source
+    if source.is_dir() and (source / "manifest.json").is_file():
+        return load_manifest(source / "manifest.json"), source / "manifest.json"
+    result = load_samples(source, skip_bad=cfg.skip_bad)
+    if result.skipped:
+        log.warning("skipped %d unreadable file(s) in %s", len(result.skipped), source)
+    out = cfg.run_dir / "manifest.json"
+    manifest = build_manifest(
+        result.samples,
+        out=out,
+        seed=cfg.split_seed,
+        val=cfg.val_fraction,
+        test=cfg.test_fraction,
+        skipped=result.skipped,
+    )
+    write_manifest(manifest, out)
+    return load_manifest(out), out
+
+
+def choose_good_class(class_names: list[str], requested: str | None) -> str:
+    if requested is not None:
+        if requested not in class_names:
+            raise ValueError(f"good_class {requested!r} is not a class of the data: {class_names}")
+        return requested
+    for name in GOOD_CLASS_NAMES:
+        if name in class_names:
+            return name
+    raise ValueError(
+        f"none of the classes {class_names} is a known 'no defect' name "
+        f"({', '.join(GOOD_CLASS_NAMES)}); set good_class in the config"
+    )
+
+
+def load_training_data(cfg: TrainConfig) -> TrainingData:
+    manifest, path = resolve_manifest(cfg)
+    splits = {split: [s for s in manifest.samples if s.split == split] for split in Split}
+    for split in (Split.TRAIN, Split.VAL):
+        if not splits[split]:
+            raise ValueError(f"{path}: the {split.value} split is empty")
+    class_names = list(manifest.classes)
+    return TrainingData(
+        manifest=manifest,
+        manifest_path=path,
+        class_names=class_names,
+        good_class=choose_good_class(class_names, cfg.good_class),
+        splits=splits,
+    )
+
+
+def infer_channels(sample: Sample, max_pixels: int) -> int:
+    """1 for gray data, 3 for colour: looked up on the first image."""
+    image = read_image(sample.path, max_pixels=max_pixels)
+    return 1 if image.ndim == 2 or image.shape[2] == 1 else 3
+
+
+def prepare_all(
+    samples: list[Sample], spec: PreprocessSpec, *, max_pixels: int, threads: int = 4
+) -> np.ndarray:
+    """Decode + prepare every sample into one float32 N x H x W x C array."""
+    out = np.empty((len(samples), spec.height, spec.width, spec.channels), np.float32)
+
+    def load(i: int) -> None:
+        out[i] = prepare(read_image(samples[i].path, max_pixels=max_pixels), spec)
+
+    # cv2 decoding and resizing release the GIL, so threads scale here.
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(load, range(len(samples))))
+    return out
+
+
+class PreparedImageDataset(Dataset):
+    """Prepared images + labels; augmentation (train) then the contract's normalize()."""
+
+    def __init__(
+        self, prepared: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, augment=None
+    ) -> None:
+        if len(prepared) != len(labels):
+            raise ValueError("images and labels differ in length")
+        self.prepared = prepared
+        self.labels = labels
+        self.spec = spec
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.prepared[index]
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+            if image.ndim == 2:  # some albumentations ops drop a trailing 1-channel axis
+                image = image[:, :, None]
+            image = np.clip(image, 0.0, 1.0)
+        return torch.from_numpy(normalize(image, self.spec)), int(self.labels[index])

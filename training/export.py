@@ -1,0 +1,234 @@
+"""ONNX export with a parity gate, evaluation through ONNX Runtime, and publication to the store.
+
+Export fails loudly (and publishes nothing) unless ONNX Runtime reproduces PyTorch's
+probabilities on real preprocessed samples: train/serve skew is caught here, not on the line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from cellinspect.datasets.decode import read_image
+from cellinspect.datasets.manifest import Manifest, load_manifest
+from cellinspect.datasets.preprocess import PreprocessSpec, preprocess_batch
+from cellinspect.datasets.samples import Sample, Split
+from cellinspect.models.card import (
+    INPUT_NAME,
+    LOGITS_NAME,
+    PROBABILITIES_NAME,
+    DatasetRef,
+    EvalMetrics,
+    ModelCard,
+)
+from cellinspect.models.metrics import evaluate_predictions
+from cellinspect.models.predict import LoadedModel
+from cellinspect.models.store import ModelStore
+from cellinspect.training.fit import BEST
+from cellinspect.training.networks import ExportableClassifier, create_model
+
+log = logging.getLogger(__name__)
+# The exporter's graph passes log every rewrite at INFO: noise for the person exporting.
+logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+
+OPSET = 18
+PARITY_TOLERANCE = 1e-4
+
+
+class ExportParityError(RuntimeError):
+    """ONNX Runtime's outputs differ from PyTorch's beyond the tolerance."""
+
+
+@dataclass
+class Checkpoint:
+    """What export needs from a run's best checkpoint."""
+
+    model: torch.nn.Module
+    class_names: list[str]
+    good_class: str
+    spec: PreprocessSpec
+    config: dict
+    manifest_path: Path
+    manifest_hash: str
+    epoch: int
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Checkpoint:
+        path = run_dir / BEST
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no best checkpoint; train this run first")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        spec = PreprocessSpec.model_validate(state["preprocessing"])
+        net = create_model(
+            state["config"]["arch"], num_classes=len(state["class_names"]), in_chans=spec.channels
+        )
+        net.load_state_dict(state["model"])
+        return cls(
+            model=ExportableClassifier(net).eval(),
+            class_names=state["class_names"],
+            good_class=state["good_class"],
+            spec=spec,
+            config=state["config"],
+            manifest_path=Path(state["manifest_path"]),
+            manifest_hash=state["manifest_hash"],
+            epoch=state["epoch"],
+        )
+
+
+def code_commit() -> str | None:
+    """The git commit of the code that exported the model, when run from a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def export_onnx(ckpt: Checkpoint, path: Path, *, opset: int = OPSET) -> None:
+    """Write `path`: dynamic batch axis, named input/outputs, metadata, checked."""
+    example = torch.zeros(2, *ckpt.spec.input_shape)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter is chatty about its own internals
+        torch.onnx.export(
+            ckpt.model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[LOGITS_NAME, PROBABILITIES_NAME],
+            dynamic_shapes={"image": {0: batch}},
+            opset_version=opset,
+            external_data=False,
+            dynamo=True,
+            verbose=False,
+        )
+    model = onnx.load(str(path))
+    meta = {
+        "cellinspect.class_names": json.dumps(ckpt.class_names),
+        "cellinspect.good_class": ckpt.good_class,
+        "cellinspect.preprocessing": ckpt.spec.to_json(),
+        "cellinspect.arch": str(ckpt.config["arch"]),
+    }
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def load_batch(samples: list[Sample], spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
+    return preprocess_batch([read_image(s.path, max_pixels=max_pixels) for s in samples], spec)
+
+
+def check_parity(
+    ckpt: Checkpoint, loaded: LoadedModel, batch: np.ndarray, tolerance: float
+) -> dict[str, float]:
+    """Max |ORT - PyTorch| of the probabilities, at batch size 1 and the full batch."""
+    with torch.inference_mode():
+        reference = ckpt.model(torch.from_numpy(batch))[1].numpy()
+    full = loaded.session.run([PROBABILITIES_NAME], {INPUT_NAME: batch})[0]
+    single = np.concatenate(
+        [
+            loaded.session.run([PROBABILITIES_NAME], {INPUT_NAME: batch[i : i + 1]})[0]
+            for i in range(min(4, len(batch)))
+        ]
+    )
+    diff = max(
+        float(np.abs(full - reference).max()),
+        float(np.abs(single - reference[: len(single)]).max()),
+    )
+    if not diff <= tolerance:
+        raise ExportParityError(
+            f"ONNX Runtime probabilities differ from PyTorch by {diff:.2e} "
+            f"(tolerance {tolerance:.0e}) on {len(batch)} samples; nothing was published"
+        )
+    return {"max_abs_diff": diff, "samples": float(len(batch)), "tolerance": tolerance}
+
+
+def evaluate_split(
+    loaded: LoadedModel, samples: list[Sample], manifest: Manifest, split: str, max_pixels: int
+) -> EvalMetrics:
+    """Figures for `samples` computed from ONNX Runtime: exactly what serving will run."""
+    index = {c: i for i, c in enumerate(loaded.card.class_names)}
+    unknown = sorted({s.label for s in samples} - index.keys())
+    if unknown:
+        raise ValueError(f"labels {unknown} are not classes of the model {loaded.card.class_names}")
+    probs = loaded.predict([read_image(s.path, max_pixels=max_pixels) for s in samples])
+    return evaluate_predictions(
+        [index[s.label] for s in samples],
+        probs,
+        loaded.card.class_names,
+        DatasetRef(manifest_hash=manifest.hash, split=split, count=len(samples)),
+    )
+
+
+def export_run(
+    run_dir: str | Path,
+    *,
+    store: ModelStore,
+    name: str,
+    heldout: str | Path | None = None,
+    parity_samples: int = 64,
+    tolerance: float = PARITY_TOLERANCE,
+) -> ModelCard:
+    """Export the run's best checkpoint, gate on parity, evaluate, and publish a new version."""
+    run_dir = Path(run_dir)
+    ckpt = Checkpoint.load(run_dir)
+    manifest = load_manifest(ckpt.manifest_path)
+    if manifest.hash != ckpt.manifest_hash:
+        raise ValueError(
+            f"{ckpt.manifest_path}: data changed since training (manifest hash differs)"
+        )
+    max_pixels = int(ckpt.config.get("max_pixels", 40_000_000))
+    by_split = {split: [s for s in manifest.samples if s.split == split] for split in Split}
+    card = ModelCard(
+        name=name,
+        arch=str(ckpt.config["arch"]),
+        class_names=ckpt.class_names,
+        good_class=ckpt.good_class,
+        preprocessing=ckpt.spec,
+        opset=OPSET,
+        training_data=DatasetRef(
+            manifest_hash=manifest.hash, split=Split.TRAIN.value, count=len(by_split[Split.TRAIN])
+        ),
+        training_config={**ckpt.config, "best_epoch": ckpt.epoch},
+        code_commit=code_commit(),
+    )
+    with tempfile.TemporaryDirectory(prefix="cellinspect-export-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        export_onnx(ckpt, onnx_path)
+        loaded = LoadedModel.from_files(onnx_path, card)
+        parity_set = (by_split[Split.VAL] or by_split[Split.TRAIN])[:parity_samples]
+        card.parity = check_parity(
+            ckpt, loaded, load_batch(parity_set, ckpt.spec, max_pixels), tolerance
+        )
+        log.info(
+            "parity: max |ORT - torch| = %.2e on %d samples",
+            card.parity["max_abs_diff"],
+            len(parity_set),
+        )
+        for split in (Split.VAL, Split.TEST):
+            if by_split[split]:
+                card.metrics[split.value] = evaluate_split(
+                    loaded, by_split[split], manifest, split.value, max_pixels
+                )
+        if heldout is not None:
+            held = load_manifest(Path(heldout))
+            card.metrics["heldout"] = evaluate_split(loaded, held.samples, held, "all", max_pixels)
+        return store.publish(onnx_path, card)

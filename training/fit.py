@@ -1,0 +1,312 @@
+"""The fit loop: weighted loss or sampler, AdamW + warm-up/cosine, AMP on CUDA,
+best-by-validation checkpoints, resume, early stopping, metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+from torch.utils.data import DataLoader, WeightedRandomSampler
+from tqdm import tqdm
+
+from cellinspect.datasets.preprocess import PreprocessSpec
+from cellinspect.datasets.samples import Split
+from cellinspect.training.augment import build_augmentation
+from cellinspect.training.config import BalanceMode, TrainConfig
+from cellinspect.training.data import (
+    PreparedImageDataset,
+    TrainingData,
+    infer_channels,
+    load_training_data,
+    prepare_all,
+)
+from cellinspect.training.networks import create_model
+
+log = logging.getLogger(__name__)
+
+LAST = "last.pt"
+BEST = "best.pt"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    best_epoch: int
+    best_val_macro_f1: float
+    epochs_run: int
+    stopped_early: bool
+    train_images_per_s: float
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_spec(cfg: TrainConfig, data: TrainingData) -> PreprocessSpec:
+    channels = cfg.channels or infer_channels(data.splits[Split.TRAIN][0], cfg.max_pixels)
+    height, width = cfg.img_size
+    # Fixed, data-independent statistics: [0,1] pixels -> roughly [-2, 2]; the network's
+    # first BatchNorm adapts, and the spec stays identical across data refreshes.
+    return PreprocessSpec(
+        height=height,
+        width=width,
+        channels=channels,
+        resize=cfg.resize,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+    )
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.inference_mode()
+def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
+    model.eval()
+    chunks = [torch.softmax(model(x.to(device)), dim=1).float().cpu() for x, _ in loader]
+    return torch.cat(chunks).numpy()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+    desc: str,
+    progress: bool,
+) -> tuple[float, int, float]:
+    """One pass over `loader`; returns (mean loss, images seen, seconds)."""
+    model.train()
+    seen, loss_sum, start = 0, 0.0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
+            loss = criterion(model(x), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        rate = seen / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", img_s=f"{rate:.0f}")
+    return loss_sum / max(seen, 1), seen, time.perf_counter() - start
+
+
+def validate(
+    model: nn.Module, loader: DataLoader, labels: np.ndarray, device: torch.device
+) -> dict[str, float]:
+    probs = predict_probs(model, loader, device)
+    pred = probs.argmax(1)
+    n_classes = probs.shape[1]
+    nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()
+    return {
+        "val_loss": float(nll),
+        "val_accuracy": float(accuracy_score(labels, pred)),
+        "val_macro_f1": float(
+            f1_score(labels, pred, average="macro", labels=range(n_classes), zero_division=0)
+        ),
+    }
+
+
+def checkpoint_state(
+    model: nn.Module, optimizer, scheduler, scaler, epoch: int, best: dict[str, Any], extra: dict
+) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "best": best,
+        **extra,
+    }
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
+    """Train per `cfg`; resumes from `<out>/last.pt` when it exists."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG).write_text(cfg.to_yaml())
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    use_amp = cfg.amp and device.type == "cuda"
+
+    data = load_training_data(cfg)
+    spec = build_spec(cfg, data)
+    n_classes = len(data.class_names)
+    train_y, val_y = data.labels(Split.TRAIN), data.labels(Split.VAL)
+    t0 = time.perf_counter()
+    train_x = prepare_all(data.splits[Split.TRAIN], spec, max_pixels=cfg.max_pixels)
+    val_x = prepare_all(data.splits[Split.VAL], spec, max_pixels=cfg.max_pixels)
+    log.info("decoded %d images in %.1fs", len(train_x) + len(val_x), time.perf_counter() - t0)
+
+    counts = np.bincount(train_y, minlength=n_classes).astype(np.float64)
+    missing = [c for c, n in zip(data.class_names, counts, strict=True) if n == 0]
+    if missing:
+        raise ValueError(f"{data.manifest_path}: no training images for class(es) {missing}")
+    inv_freq = counts.sum() / (n_classes * counts)
+
+    train_ds = PreparedImageDataset(train_x, train_y, spec, build_augmentation(cfg.augment))
+    val_ds = PreparedImageDataset(val_x, val_y, spec)
+    sampler = None
+    if cfg.balance is BalanceMode.SAMPLER:
+        weights = torch.as_tensor(inv_freq[train_y], dtype=torch.double)
+        sampler = WeightedRandomSampler(weights, num_samples=len(train_y), replacement=True)
+    loader_args: dict[str, Any] = {
+        "num_workers": cfg.workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": cfg.workers > 0,
+    }
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(train_ds) > cfg.batch_size,
+        generator=generator,
+        **loader_args,
+    )
+    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=0)
+
+    model = create_model(
+        cfg.arch, num_classes=n_classes, in_chans=spec.channels, weights=cfg.weights
+    )
+    model.to(device)
+    class_weight = (
+        torch.as_tensor(inv_freq, dtype=torch.float32, device=device)
+        if cfg.balance is BalanceMode.LOSS
+        else None
+    )
+    criterion = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=cfg.label_smoothing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        warmup_cosine(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)),
+    )
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    extra = {
+        "config": cfg.model_dump(mode="json"),
+        "class_names": data.class_names,
+        "good_class": data.good_class,
+        "preprocessing": spec.model_dump(mode="json"),
+        "manifest_path": str(data.manifest_path),
+        "manifest_hash": data.manifest.hash,
+    }
+    best: dict[str, Any] = {"macro_f1": -1.0, "epoch": -1}
+    start_epoch, stale = 0, 0
+    if (run_dir / LAST).is_file():
+        state = torch.load(run_dir / LAST, map_location=device, weights_only=False)
+        if (
+            state["class_names"] != data.class_names
+            or state["preprocessing"] != extra["preprocessing"]
+        ):
+            raise ValueError(f"{run_dir / LAST}: checkpoint was made for other classes or input")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, best, stale = state["epoch"] + 1, state["best"], state.get("stale", 0)
+        log.info(
+            "resuming %s at epoch %d (best macro-F1 %.4f)", run_dir, start_epoch, best["macro_f1"]
+        )
+
+    epochs_run, rates = 0, []
+    stopped_early = stale >= cfg.patience
+    for epoch in range(start_epoch, cfg.epochs if not stopped_early else start_epoch):
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        loss, seen, seconds = train_one_epoch(
+            model, train_loader, criterion, optimizer, scheduler, scaler, device, desc, progress
+        )
+        rates.append(seen / seconds)
+        record = {"epoch": epoch, "train_loss": loss, **validate(model, val_loader, val_y, device)}
+        record.update(
+            lr=scheduler.get_last_lr()[0], train_images_per_s=seen / seconds, epoch_seconds=seconds
+        )
+        with open(run_dir / METRICS, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        improved = record["val_macro_f1"] > best["macro_f1"] + 1e-6
+        if improved:
+            best, stale = {"macro_f1": record["val_macro_f1"], "epoch": epoch}, 0
+        else:
+            stale += 1
+        state = checkpoint_state(
+            model, optimizer, scheduler, scaler, epoch, best, {**extra, "stale": stale}
+        )
+        if improved:
+            save_atomic(state, run_dir / BEST)
+        save_atomic(state, run_dir / LAST)
+        epochs_run += 1
+        log.info(
+            "epoch %d: loss %.4f val macro-F1 %.4f acc %.4f (%.0f img/s)%s",
+            epoch + 1,
+            loss,
+            record["val_macro_f1"],
+            record["val_accuracy"],
+            seen / seconds,
+            " *" if improved else "",
+        )
+        if stale >= cfg.patience:
+            stopped_early = epoch + 1 < cfg.epochs
+            break
+
+    return FitResult(
+        run_dir=run_dir,
+        best_epoch=best["epoch"],
+        best_val_macro_f1=best["macro_f1"],
+        epochs_run=epochs_run,
+        stopped_early=stopped_early,
+        train_images_per_s=float(np.median(rates)) if rates else 0.0,
+    )

@@ -32,10 +32,10 @@ class TrainConfig(BaseModel):
     img_size: tuple[int, int] = (128, 128)  # (height, width) of the model input
     resize: ResizeMode = ResizeMode.STRETCH
     channels: Literal[1, 3] | None = None  # None: 1 if the first image is gray, else 3
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(3e-3, gt=0)  # AdamW peak learning rate
+    batch_size: int = Field(32, ge=1)  # small data from scratch: more, smaller steps
+    lr: float = Field(2e-3, gt=0)  # AdamW peak learning rate
     weight_decay: float = Field(0.05, ge=0)
-    warmup_epochs: float = Field(1.0, ge=0)  # linear warm-up, then cosine decay to 0
+    warmup_epochs: float = Field(0.5, ge=0)  # linear warm-up, then cosine decay to 0
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     balance: BalanceMode = BalanceMode.LOSS
     augment: AugmentPreset = AugmentPreset.FLIPS
@@ -49,6 +49,8 @@ class TrainConfig(BaseModel):
     weights: str | None = None  # local pretrained weights file; nothing is downloaded
     device: str = "auto"  # auto, cpu, cuda, cuda:1
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    # NHWC tensors: ~1.8x faster MobileNetV3 training on CPU (depthwise convolutions)
+    channels_last: bool = True
     good_class: str | None = None  # None: "ok" or "good" when present
     skip_bad: bool = False  # skip unreadable images (counted) instead of failing
     max_pixels: int = Field(40_000_000, ge=1)

@@ -108,13 +108,15 @@ def train_one_epoch(
     device: torch.device,
     desc: str,
     progress: bool,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[float, int, float]:
     """One pass over `loader`; returns (mean loss, images seen, seconds)."""
     model.train()
     seen, loss_sum, start = 0, 0.0, time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
     for x, y in bar:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
             loss = criterion(model(x), y)
@@ -221,7 +223,8 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
     model = create_model(
         cfg.arch, num_classes=n_classes, in_chans=spec.channels, weights=cfg.weights
     )
-    model.to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
     class_weight = (
         torch.as_tensor(inv_freq, dtype=torch.float32, device=device)
         if cfg.balance is BalanceMode.LOSS
@@ -268,7 +271,8 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
     for epoch in range(start_epoch, cfg.epochs if not stopped_early else start_epoch):
         desc = f"epoch {epoch + 1}/{cfg.epochs}"
         loss, seen, seconds = train_one_epoch(
-            model, train_loader, criterion, optimizer, scheduler, scaler, device, desc, progress
+            model, train_loader, criterion, optimizer, scheduler, scaler, device, desc, progress,
+            memory_format,
         )
         rates.append(seen / seconds)
         record = {"epoch": epoch, "train_loss": loss, **validate(model, val_loader, val_y, device)}

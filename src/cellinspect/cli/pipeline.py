@@ -30,8 +30,8 @@ def train(
     ),
     epochs: int | None = typer.Option(None, min=1, help="Maximum epochs [15]."),
     img_size: str | None = typer.Option(None, help="Input size: 128 or HxW like 128x256 [128]."),
-    batch_size: int | None = typer.Option(None, min=1, help="Batch size [64]."),
-    lr: float | None = typer.Option(None, help="Peak learning rate [3e-3]."),
+    batch_size: int | None = typer.Option(None, min=1, help="Batch size [32]."),
+    lr: float | None = typer.Option(None, help="Peak learning rate [2e-3]."),
     workers: int | None = typer.Option(None, min=0, help="DataLoader workers [2]."),
     weights: Path | None = typer.Option(None, help="Local pretrained weights (never downloaded)."),
     device: str | None = typer.Option(None, help="auto, cpu or cuda[:N] [auto]."),
@@ -93,7 +93,7 @@ def export(
 def demo(
     count: int = typer.Option(300, min=10, help="Synthetic training images per class."),
     heldout_count: int = typer.Option(100, min=5, help="Held-out images per class (fresh seed)."),
-    epochs: int = typer.Option(14, min=1, help="Maximum training epochs."),
+    epochs: int = typer.Option(18, min=1, help="Maximum training epochs."),
     img_size: int = typer.Option(128, min=32, help="Model input side."),
     workers: int = typer.Option(2, min=1, help="Generator processes."),
 ) -> None:

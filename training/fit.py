@@ -201,7 +201,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
     val_ds = PreparedImageDataset(val_x, val_y, spec)
     sampler = None
     if cfg.balance is BalanceMode.SAMPLER:
-        weights = torch.as_tensor(inv_freq[train_y], dtype=torch.double)
+        weights = inv_freq[train_y].tolist()
         sampler = WeightedRandomSampler(weights, num_samples=len(train_y), replacement=True)
     loader_args: dict[str, Any] = {
         "num_workers": cfg.workers,
@@ -277,7 +277,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
         rates.append(seen / seconds)
         record = {"epoch": epoch, "train_loss": loss, **validate(model, val_loader, val_y, device)}
         record.update(
-            lr=scheduler.get_last_lr()[0], train_images_per_s=seen / seconds, epoch_seconds=seconds
+            lr=float(scheduler.get_last_lr()[0]), train_images_per_s=seen / seconds, epoch_seconds=seconds
         )
         with open(run_dir / METRICS, "a") as fh:
             fh.write(json.dumps(record) + "\n")

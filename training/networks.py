@@ -45,7 +45,10 @@ def _stem_conv(model: nn.Module) -> tuple[nn.Module, str, nn.Conv2d]:
     """The first convolution and where it hangs, so it can be swapped for another channel count."""
     if isinstance(model, tvm.ResNet):
         return model, "conv1", model.conv1
-    stem = model.features[0]  # MobileNetV3 / EfficientNet: Conv2dNormActivation
+    features = model.features
+    assert isinstance(features, nn.Sequential)
+    stem = features[0]  # MobileNetV3 / EfficientNet: Conv2dNormActivation
+    assert isinstance(stem, nn.Sequential) and isinstance(stem[0], nn.Conv2d)
     return stem, "0", stem[0]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cellinspect.training.config import ConfigError, resolve_config
+from cellinspect.training.config import ConfigError, TrainConfig, resolve_config
 from cellinspect.training.networks import Arch
 
 
@@ -15,7 +15,7 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path) -> None:
     assert cfg.arch is Arch.RESNET18  # from YAML
     assert cfg.epochs == 3  # flag beats YAML
     assert cfg.lr == 0.01  # a flag left unset does not erase the YAML value
-    assert cfg.batch_size == 64  # default
+    assert cfg.batch_size == TrainConfig.model_fields["batch_size"].default  # default
 
 
 @pytest.mark.parametrize(

@@ -151,6 +151,34 @@ def validate(
     }
 
 
+def build_loaders(
+    cfg: TrainConfig,
+    train_ds: PreparedImageDataset,
+    val_ds: PreparedImageDataset,
+    inv_freq: np.ndarray,
+    device: torch.device,
+) -> tuple[DataLoader, DataLoader]:
+    """Training loader (shuffled or class-balanced sampling, worker processes) and validation loader."""
+    sampler = None
+    if cfg.balance is BalanceMode.SAMPLER:
+        weights = inv_freq[train_ds.labels].tolist()
+        sampler = WeightedRandomSampler(weights, num_samples=len(train_ds), replacement=True)
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(train_ds) > cfg.batch_size,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+    )
+    # Validation images need no augmentation, so the main process normalises them directly.
+    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=0)
+    return train_loader, val_loader
+
+
 def checkpoint_state(
     model: nn.Module, optimizer, scheduler, scaler, epoch: int, best: dict[str, Any], extra: dict
 ) -> dict[str, Any]:
@@ -199,26 +227,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
 
     train_ds = PreparedImageDataset(train_x, train_y, spec, build_augmentation(cfg.augment))
     val_ds = PreparedImageDataset(val_x, val_y, spec)
-    sampler = None
-    if cfg.balance is BalanceMode.SAMPLER:
-        weights = inv_freq[train_y].tolist()
-        sampler = WeightedRandomSampler(weights, num_samples=len(train_y), replacement=True)
-    loader_args: dict[str, Any] = {
-        "num_workers": cfg.workers,
-        "pin_memory": device.type == "cuda",
-        "persistent_workers": cfg.workers > 0,
-    }
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=len(train_ds) > cfg.batch_size,
-        generator=generator,
-        **loader_args,
-    )
-    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=0)
+    train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, inv_freq, device)
 
     model = create_model(
         cfg.arch, num_classes=n_classes, in_chans=spec.channels, weights=cfg.weights
@@ -271,13 +280,23 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
     for epoch in range(start_epoch, cfg.epochs if not stopped_early else start_epoch):
         desc = f"epoch {epoch + 1}/{cfg.epochs}"
         loss, seen, seconds = train_one_epoch(
-            model, train_loader, criterion, optimizer, scheduler, scaler, device, desc, progress,
+            model,
+            train_loader,
+            criterion,
+            optimizer,
+            scheduler,
+            scaler,
+            device,
+            desc,
+            progress,
             memory_format,
         )
         rates.append(seen / seconds)
         record = {"epoch": epoch, "train_loss": loss, **validate(model, val_loader, val_y, device)}
         record.update(
-            lr=float(scheduler.get_last_lr()[0]), train_images_per_s=seen / seconds, epoch_seconds=seconds
+            lr=float(scheduler.get_last_lr()[0]),
+            train_images_per_s=seen / seconds,
+            epoch_seconds=seconds,
         )
         with open(run_dir / METRICS, "a") as fh:
             fh.write(json.dumps(record) + "\n")

@@ -105,3 +105,34 @@ def test_unknown_model_is_reported(tmp_path: Path) -> None:
 def test_info_prints_home(tmp_path: Path) -> None:
     result = cli("info", home=tmp_path)
     assert result.returncode == 0 and str(tmp_path) in result.stdout
+
+
+def test_synth_cell_and_frame_write_their_layouts(tmp_path: Path) -> None:
+    cells = tmp_path / "cells"
+    result = cli("data", "synth", "cell", "--out", str(cells), "--count", "2", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (
+        len(list((cells / "images").glob("*/*.png"))) == 10 and (cells / "manifest.json").is_file()
+    )
+    frames = tmp_path / "frames"
+    result = cli(
+        "data",
+        "synth",
+        "frame",
+        "--out",
+        str(frames),
+        "--count",
+        "1",
+        "--size",
+        "512",
+        home=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        len(list(frames.glob("frames/*.png"))) == 1 and len(list(frames.glob("frames/*.json"))) == 1
+    )
+
+
+def test_synth_rejects_unknown_kind(tmp_path: Path) -> None:
+    result = cli("data", "synth", "pouch", home=tmp_path)
+    assert result.returncode == 2 and "electrode" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +41,9 @@ class TrainConfig(BaseModel):
     balance: BalanceMode = BalanceMode.LOSS
     augment: AugmentPreset = AugmentPreset.FLIPS
     patience: int = Field(5, ge=1)  # epochs without validation improvement before stopping
-    workers: int = Field(2, ge=0)  # DataLoader worker processes
+    # DataLoader worker processes; None: cores - 2 (at most 8). On a 2-core box that is 0:
+    # workers there compete with the model's threads (benchmarks/RESULTS.md: 0.92 vs 0.85).
+    workers: int | None = Field(None, ge=0)
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: all cores owned
     seed: int = 0
     split_seed: int = 0  # for data without a split: deterministic stratified split
@@ -76,6 +79,12 @@ class TrainConfig(BaseModel):
         if min(value) < 32 or max(value) > 2048:
             raise ValueError("img_size sides must be between 32 and 2048 pixels")
         return value
+
+    @property
+    def loader_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return max(0, min(8, len(os.sched_getaffinity(0)) - 2))
 
     @property
     def run_dir(self) -> Path:

@@ -170,9 +170,9 @@ def build_loaders(
         sampler=sampler,
         drop_last=len(train_ds) > cfg.batch_size,
         generator=torch.Generator().manual_seed(cfg.seed),
-        num_workers=cfg.workers,
+        num_workers=cfg.loader_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
+        persistent_workers=cfg.loader_workers > 0,
     )
     # Validation images need no augmentation, so the main process normalises them directly.
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=0)

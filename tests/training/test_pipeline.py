@@ -109,3 +109,22 @@ def test_export_refuses_to_publish_when_parity_fails(trained_run, tmp_path) -> N
 def test_export_without_training_names_missing_checkpoint(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="best.pt"):
         export_run(tmp_path, store=ModelStore(tmp_path / "store"), name="x")
+
+
+def test_early_stopping_ends_run_when_validation_stalls(tiny_data, tmp_path) -> None:
+    # A learning rate this small cannot move validation macro-F1 after the first epoch.
+    cfg = TrainConfig(
+        data=str(tiny_data),
+        out=str(tmp_path / "run"),
+        epochs=6,
+        img_size=48,
+        batch_size=32,
+        workers=0,
+        lr=1e-12,
+        warmup_epochs=0,
+        patience=1,
+        balance="sampler",
+    )
+    result = fit(cfg, progress=False)
+    assert result.stopped_early
+    assert result.epochs_run == 2 and result.best_epoch == 0

@@ -32,7 +32,9 @@ def train(
     img_size: str | None = typer.Option(None, help="Input size: 128 or HxW like 128x256 [128]."),
     batch_size: int | None = typer.Option(None, min=1, help="Batch size [32]."),
     lr: float | None = typer.Option(None, help="Peak learning rate [2e-3]."),
-    workers: int | None = typer.Option(None, min=0, help="DataLoader workers [2]."),
+    workers: int | None = typer.Option(
+        None, min=0, help="DataLoader worker processes [cores - 2, at most 8]."
+    ),
     weights: Path | None = typer.Option(None, help="Local pretrained weights (never downloaded)."),
     device: str | None = typer.Option(None, help="auto, cpu or cuda[:N] [auto]."),
     seed: int | None = typer.Option(None, help="Training seed [0]."),

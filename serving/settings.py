@@ -1,0 +1,150 @@
+"""Service settings: defaults < `.env` file < environment (CELLINSPECT_*), validated at start-up."""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from cellinspect.home import Home
+from cellinspect.models.card import OperatingPoint
+
+
+class Mode(StrEnum):
+    DEV = "dev"  # open by default, placeholder keys tolerated
+    PRODUCTION = "production"  # refuses to start without real API keys
+
+
+class Role(StrEnum):
+    STATION = "station"  # line cameras: inspect
+    OPERATOR = "operator"  # read records and archived images (and inspect)
+    ADMIN = "admin"  # models: reload, promote (and everything else)
+
+
+PLACEHOLDER_KEYS = frozenset({"", "changeme", "change-me", "secret", "key", "test", "password"})
+MIN_KEY_LENGTH = 16
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the service reads at start; see README "Serving" for the variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CELLINSPECT_", env_file=".env", extra="ignore", protected_namespaces=()
+    )
+
+    mode: Mode = Mode.DEV
+    home: Path | None = None  # None: $CELLINSPECT_HOME or ./cellinspect-home
+    store: Path | None = None  # None: HOME/store
+    # Models served, each "name", "name@version" or "name@alias"; the first is the default.
+    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["electrode-defects"])
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"]
+    )
+    intra_op_threads: int | None = Field(None, ge=1)  # None: the cores this process owns
+    # Micro-batching: a batch closes at max_batch_size or max_delay_ms after its first image.
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_delay_ms: float = Field(2.0, ge=0, le=1000)
+    queue_size: int = Field(64, ge=1)  # images waiting for a batch; beyond it: 503
+    deadline_ms: float = Field(2000, gt=0)  # per request; past it: 503 + Retry-After
+    decode_workers: int | None = Field(None, ge=1)  # None: the cores this process owns
+    # Input limits
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_batch_images: int = Field(32, ge=1)
+    max_frame_pixels: int = Field(100_000_000, ge=1)
+    # Records and archive
+    database_url: str | None = None  # None: SQLite under HOME; postgresql+psycopg://...
+    archive_dir: Path | None = None  # None: HOME/archive
+    archive_pass_sample_rate: float = Field(0.01, ge=0, le=1)
+    archive_quota_bytes: int = Field(5 * 1024**3, ge=0)
+    archive_retention_days: float = Field(30, gt=0)
+    # Security: "station:KEY1,operator:KEY2,admin:KEY3" and/or a file of such lines.
+    api_keys: SecretStr | None = None  # secret: never shown in repr, logs or errors
+    api_keys_file: Path | None = None
+    open_health: bool = True  # /healthz, /readyz, /v2/health/* without a key
+    open_metrics: bool = True  # /metrics without a key
+    # Per-line operating points, JSON: {"line-3": {"review_low": 0.2, "scrap_threshold": 0.8}}
+    line_operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
+
+    @field_validator("models", "providers", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """Environment values are "a,b,c"; YAML/JSON/kwargs may already be lists."""
+        return _split_list(value)
+
+    @model_validator(mode="after")
+    def _production_needs_keys(self) -> Settings:
+        if self.mode is Mode.PRODUCTION:
+            keys = self.parsed_keys()
+            if not keys:
+                raise ValueError("production mode needs API keys (CELLINSPECT_API_KEYS or _FILE)")
+            weak = [role.value for key, role in keys.items() if is_placeholder(key)]
+            if weak:
+                raise ValueError(
+                    f"production mode refuses placeholder or short API keys (roles: {', '.join(weak)});"
+                    f" use random keys of at least {MIN_KEY_LENGTH} characters"
+                )
+        if not self.models:
+            raise ValueError("at least one model must be configured (CELLINSPECT_MODELS)")
+        return self
+
+    @property
+    def resolved_home(self) -> Home:
+        return Home.resolve(self.home)
+
+    @property
+    def store_path(self) -> Path:
+        return self.store or self.resolved_home.store
+
+    @property
+    def archive_path(self) -> Path:
+        return self.archive_dir or self.resolved_home.archive
+
+    @property
+    def database(self) -> str:
+        return self.database_url or self.resolved_home.database_url
+
+    @property
+    def cores(self) -> int:
+        return len(os.sched_getaffinity(0))
+
+    def parsed_keys(self) -> dict[str, Role]:
+        """API key -> role, from the variable and the file; bad entries raise ValueError."""
+        entries: list[str] = []
+        if self.api_keys:
+            entries += self.api_keys.get_secret_value().split(",")
+        if self.api_keys_file:
+            try:
+                text = self.api_keys_file.read_text()
+            except OSError as exc:
+                raise ValueError(
+                    f"{self.api_keys_file}: cannot read API keys file ({exc})"
+                ) from None
+            entries += [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+        keys: dict[str, Role] = {}
+        for entry in (e.strip() for e in entries):
+            if not entry:
+                continue
+            role, sep, key = entry.partition(":")
+            if not sep or not key.strip():
+                raise ValueError("API keys look like role:KEY, comma-separated")
+            try:
+                keys[key.strip()] = Role(role.strip())
+            except ValueError:
+                valid = ", ".join(r.value for r in Role)
+                raise ValueError(f"unknown API key role {role.strip()!r}; valid: {valid}") from None
+        return keys
+
+
+def is_placeholder(key: str) -> bool:
+    return key.lower() in PLACEHOLDER_KEYS or len(key) < MIN_KEY_LENGTH

@@ -9,7 +9,7 @@ import typer
 from cellinspect import __version__
 from cellinspect.cli import data as data_cli
 from cellinspect.cli import models as models_cli
-from cellinspect.cli import pipeline
+from cellinspect.cli import pipeline, serve
 from cellinspect.cli.common import console, user_errors
 from cellinspect.home import Home
 
@@ -24,6 +24,8 @@ app.add_typer(models_cli.app, name="models")
 app.command("train")(pipeline.train)
 app.command("export")(pipeline.export)
 app.command("demo")(pipeline.demo)
+app.command("serve")(serve.serve)
+app.command("camera")(serve.camera)
 
 
 @app.callback()

@@ -1,0 +1,86 @@
+"""The app factory: wires settings, models, records, archive and routes; nothing at import time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from cellinspect import __version__
+from cellinspect.models.store import ModelStore
+from cellinspect.serving.archive import ImageArchive
+from cellinspect.serving.auth import ApiKeyAuth
+from cellinspect.serving.engine import DecodePool, ModelRegistry
+from cellinspect.serving.errors import install_error_handlers
+from cellinspect.serving.limits import BodySizeLimit
+from cellinspect.serving.metrics import BatcherStats, ServiceMetrics
+from cellinspect.serving.records import RecordStore
+from cellinspect.serving.routers import health, inspect, inspections, models, v2
+from cellinspect.serving.service import Service
+from cellinspect.serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _build_service(settings: Settings) -> Service:
+    metrics = ServiceMetrics()
+    store = ModelStore(settings.store_path)
+    records = RecordStore(
+        settings.database, on_commit=lambda n, _s: metrics.record_group.observe(n)
+    )
+    return Service(
+        settings=settings,
+        store=store,
+        registry=ModelRegistry(store, settings),
+        records=records,
+        archive=ImageArchive(
+            settings.archive_path,
+            pass_sample_rate=settings.archive_pass_sample_rate,
+            quota_bytes=settings.archive_quota_bytes,
+            retention_days=settings.archive_retention_days,
+        ),
+        decoder=DecodePool(settings.decode_workers or settings.cores),
+        auth=ApiKeyAuth(settings),
+        metrics=metrics,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    service = _build_service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.records.start()
+        await service.registry.load_all()  # loads, verifies and warms before /readyz says yes
+        service.metrics.set_served({e.name: e.version for e in service.registry.list()})
+        service.metrics.watch_batchers(
+            lambda: {
+                e.name: BatcherStats(
+                    e.batcher.queue_depth, e.batcher.items_run, e.batcher.batches_run
+                )
+                for e in service.registry.list()
+            }
+        )
+        log.info("serving %s", ", ".join(f"{e.name}@{e.version}" for e in service.registry.list()))
+        try:
+            yield
+        finally:
+            await service.registry.close()
+            await service.records.close()
+            service.decoder.close()
+
+    app = FastAPI(
+        title="cellinspect",
+        version=__version__,
+        description="Battery cell defect inspection: images in, pass/review/scrap out.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    for router in (health.router, inspect.router, inspections.router, models.router, v2.router):
+        app.include_router(router)
+    return app

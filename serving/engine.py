@@ -1,0 +1,344 @@
+"""Models being served: one micro-batched ONNX Runtime session per model, hot-reloadable.
+
+`ModelRegistry` loads the configured models (verified, warmed) before it reports ready,
+resolves request refs (`name`, `name@3`, `name@production`) to the engine that serves
+them, and swaps in a new version only after it has loaded, passed its checks and warmed
+up; until then, and whenever a reload fails, the old version keeps answering.
+`DecodePool` keeps image decoding and preprocessing off the event loop, bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from cellinspect.datasets.decode import decode_image
+from cellinspect.datasets.preprocess import PreprocessSpec, preprocess
+from cellinspect.models.card import ModelCard
+from cellinspect.models.predict import LoadedModel
+from cellinspect.models.runtime import ModelLoadError, create_session
+from cellinspect.models.store import ModelNotFoundError, ModelRef, ModelStore, parse_model_ref
+from cellinspect.serving.batcher import BatchTiming, MicroBatcher
+from cellinspect.serving.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# How long a request-time alias lookup ("name@production") is trusted before the store
+# is read again: alias moves show up within this, and requests do not each hit the disk.
+ALIAS_CACHE_S = 1.0
+
+
+class ModelReloadError(Exception):
+    """A new version could not be loaded, verified or warmed; the old one still serves."""
+
+
+class ModelEngine:
+    """One loaded model version and the micro-batcher feeding its session."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        queue_size: int,
+    ) -> None:
+        self.loaded = loaded
+        self.card: ModelCard = loaded.card
+        self.name = loaded.card.name
+        self.version = loaded.card.version
+        self.ref = f"{self.name}@{self.version}"
+        self.input_shape = loaded.card.preprocessing.input_shape
+        self.max_batch_size = max_batch_size
+        self.batcher = MicroBatcher(
+            self._run,
+            max_batch_size=max_batch_size,
+            max_delay_s=max_delay_s,
+            queue_size=queue_size,
+            name=self.ref,
+        )
+        self._users = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __repr__(self) -> str:
+        return f"ModelEngine({self.ref}, {self.batcher!r})"
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        # The batcher never exceeds max_batch_size, so this is one session.run per batch.
+        return self.loaded.predict_logits(batch, batch_size=self.max_batch_size)
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def infer(self, x: np.ndarray, deadline: float) -> tuple[np.ndarray, BatchTiming]:
+        """One preprocessed CxHxW float32 tensor -> (calibrated class probabilities, timing)."""
+        # Checked here because one malformed tensor in a batch would fail its neighbours too.
+        if x.shape != self.input_shape or x.dtype != np.float32:
+            raise ValueError(
+                f"{self.ref} expects a float32 tensor of shape {self.input_shape}, "
+                f"got {x.dtype} {x.shape}"
+            )
+        logits, timing = await self.batcher.submit(x, deadline=deadline)
+        return self.loaded.probabilities(logits[None])[0], timing
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[ModelEngine]:
+        """Mark a request as using this engine, so a reload does not close it underneath."""
+        self._users += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._users -= 1
+            if self._users == 0:
+                self._idle.set()
+
+    async def close(self, *, drain_timeout_s: float | None = None) -> None:
+        """Wait (bounded) for requests holding the engine, then drain and stop its batcher."""
+        if drain_timeout_s is not None and not self._idle.is_set():
+            try:
+                await asyncio.wait_for(self._idle.wait(), drain_timeout_s)
+            except TimeoutError:
+                logger.warning(
+                    "%s: %d request(s) still hold the engine after %.1f s; closing anyway",
+                    self.ref,
+                    self._users,
+                    drain_timeout_s,
+                )
+        await self.batcher.stop()
+        logger.info("closed %s (%d batches, %d items)", self.ref, *self._counts())
+
+    def _counts(self) -> tuple[int, int]:
+        return self.batcher.batches_run, self.batcher.items_run
+
+
+class ModelRegistry:
+    """The served models by name; the first configured one is the default."""
+
+    def __init__(self, store: ModelStore, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        # Parsed up front so a typo in CELLINSPECT_MODELS fails at start, not per request.
+        self._configured: dict[str, ModelRef] = {}
+        for text in settings.models:
+            ref = parse_model_ref(text)
+            if ref.name in self._configured:
+                raise ValueError(f"model {ref.name!r} is configured twice in {settings.models}")
+            self._configured[ref.name] = ref
+        self.default_name = next(iter(self._configured))
+        self._engines: dict[str, ModelEngine] = {}
+        self._reload_locks = {name: asyncio.Lock() for name in self._configured}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._alias_cache: dict[tuple[str, str], tuple[str, float]] = {}
+        self._closed = False
+
+    # ---- loading ------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """True once every configured model is loaded and warmed (and until close)."""
+        return not self._closed and len(self._engines) == len(self._configured)
+
+    def _load_blocking(self, ref: ModelRef) -> LoadedModel:
+        """Verify, open, check and warm one version (runs in a thread: it takes seconds)."""
+        card, onnx_path = self.store.load_verified(ref)
+        session = create_session(
+            onnx_path,
+            providers=self.settings.providers,
+            intra_op_threads=self.settings.intra_op_threads or self.settings.cores,
+        )
+        # LoadedModel checks input/output names and shapes against the card.
+        loaded = LoadedModel(card, session, source=f"{card.name}@{card.version} ({onnx_path})")
+        loaded.warmup(1)
+        # The largest batch the batcher will send: allocates its buffers now, not on a request.
+        size = self.settings.max_batch_size
+        logits = loaded.predict_logits(
+            np.zeros((size, *card.preprocessing.input_shape), np.float32), batch_size=size
+        )
+        expected = (size, len(card.class_names))
+        if logits.shape != expected:
+            raise ModelLoadError(
+                f"{loaded.source}: warm-up batch gave logits of shape {logits.shape}, "
+                f"expected {expected}"
+            )
+        if not np.isfinite(logits).all():
+            raise ModelLoadError(f"{loaded.source}: warm-up batch gave non-finite logits (NaN/inf)")
+        return loaded
+
+    def _engine(self, loaded: LoadedModel) -> ModelEngine:
+        return ModelEngine(
+            loaded,
+            max_batch_size=self.settings.max_batch_size,
+            max_delay_s=self.settings.max_delay_ms / 1000,
+            queue_size=self.settings.queue_size,
+        )
+
+    async def load_all(self) -> None:
+        """Load every configured model; each becomes available only after its warm-up."""
+        for name, ref in self._configured.items():
+            if name in self._engines:
+                continue
+            loaded = await asyncio.to_thread(self._load_blocking, ref)
+            engine = self._engine(loaded)
+            await engine.start()
+            self._engines[name] = engine
+            logger.info("serving %s (configured as %s)", engine.ref, ref)
+
+    # ---- lookup -------------------------------------------------------------------------
+
+    def _served_names(self) -> str:
+        return ", ".join(self._engines) or "none loaded yet"
+
+    def _resolve_alias(self, name: str, alias: str) -> str:
+        now = time.monotonic()
+        cached = self._alias_cache.get((name, alias))
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        _, version = self.store.resolve(ModelRef(name, alias))
+        self._alias_cache[(name, alias)] = (version, now + ALIAS_CACHE_S)
+        return version
+
+    def get(self, ref: str | None = None) -> ModelEngine:
+        """The engine serving `ref` ("name", "name@version", "name@alias"; None: default).
+
+        Raises ModelNotFoundError for an unknown name, or for a version that is not the one
+        being served (models are never loaded on the fly for a request).
+        """
+        if ref is None:
+            engine = self._engines.get(self.default_name)
+            if engine is None:
+                raise ModelNotFoundError(f"default model {self.default_name!r} is not loaded yet")
+            return engine
+        try:
+            parsed = parse_model_ref(ref)
+        except ValueError as exc:
+            raise ModelNotFoundError(str(exc)) from None
+        engine = self._engines.get(parsed.name)
+        if engine is None:
+            raise ModelNotFoundError(
+                f"model {parsed.name!r} is not served (served: {self._served_names()})"
+            )
+        if parsed.selector is None:
+            return engine
+        if parsed.selector.isdigit():
+            version = parsed.selector
+        else:
+            version = self._resolve_alias(parsed.name, parsed.selector)
+        if version != engine.version:
+            raise ModelNotFoundError(
+                f"{ref} is version {version}, but {parsed.name} is served at version "
+                f"{engine.version} (ask for {parsed.name} or {engine.ref}, or reload the model)"
+            )
+        return engine
+
+    @contextlib.contextmanager
+    def lease(self, ref: str | None = None) -> Iterator[ModelEngine]:
+        """`get(ref)`, held for the duration of a request so a reload waits for it to finish."""
+        with self.get(ref).in_use() as engine:
+            yield engine
+
+    def list(self) -> list[ModelEngine]:
+        """Served engines, default first."""
+        return list(self._engines.values())
+
+    # ---- reload -------------------------------------------------------------------------
+
+    async def reload(self, name: str, selector: str | None = None) -> tuple[str, str]:
+        """Load `name@selector` (None: the configured ref, re-resolved), warm it, swap it in.
+
+        Returns (old version, new version). Raises ModelNotFoundError for a name that is not
+        served or a selector the store does not hold, and ModelReloadError for a version that
+        cannot be served; in both cases the old version keeps serving untouched.
+        """
+        if name not in self._engines:
+            raise ModelNotFoundError(
+                f"model {name!r} is not served (served: {self._served_names()})"
+            )
+        try:
+            ref = (
+                self._configured[name]
+                if selector is None
+                else parse_model_ref(f"{name}@{selector}")
+            )
+        except ValueError as exc:
+            raise ModelNotFoundError(str(exc)) from None
+        async with self._reload_locks[name]:
+            old = self._engines[name]
+            try:
+                loaded = await asyncio.to_thread(self._load_blocking, ref)
+            except ModelNotFoundError:
+                raise
+            except Exception as exc:  # integrity, ORT, shape or NaN: all mean "cannot serve it"
+                raise ModelReloadError(
+                    f"cannot reload {ref}: {exc}; still serving {old.ref}"
+                ) from exc
+            new = self._engine(loaded)
+            await new.start()
+            # One assignment on the event loop: every later get() sees the new engine, while
+            # requests that already hold the old one finish on it.
+            self._engines[name] = new
+            self._alias_cache = {k: v for k, v in self._alias_cache.items() if k[0] != name}
+        logger.info("reloaded %s: %s -> %s", name, old.version, new.version)
+        task = asyncio.get_running_loop().create_task(
+            old.close(drain_timeout_s=self.settings.deadline_ms / 1000)
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return old.version, new.version
+
+    async def close(self) -> None:
+        """Drain and stop every engine, including ones retired by a reload."""
+        self._closed = True
+        engines, self._engines = list(self._engines.values()), {}
+        await asyncio.gather(*(e.close() for e in engines), *list(self._retiring))
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One request image: decoded pixels, the model input made from them, and the time taken."""
+
+    image: np.ndarray
+    tensor: np.ndarray
+    decode_ms: float  # decode + preprocess, in the worker (queueing excluded)
+
+
+def _decode_and_preprocess(data: bytes, spec: PreprocessSpec, max_pixels: int) -> DecodedImage:
+    t0 = time.perf_counter()
+    image = decode_image(data, max_pixels=max_pixels)
+    tensor = preprocess(image, spec)
+    return DecodedImage(image, tensor, 1000 * (time.perf_counter() - t0))
+
+
+class DecodePool:
+    """Decoding and preprocessing in a bounded thread pool, off the event loop.
+
+    At most `workers * 4` images are handed to the pool at once; further callers wait on
+    the semaphore (holding only their request bytes) instead of piling up decoded frames.
+    """
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"decode workers must be at least 1, got {workers}")
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._slots = asyncio.Semaphore(workers * 4)
+
+    async def decode(self, data: bytes, spec: PreprocessSpec, *, max_pixels: int) -> DecodedImage:
+        """Bytes -> DecodedImage; cellinspect.datasets.errors exceptions propagate unchanged."""
+        async with self._slots:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._executor, _decode_and_preprocess, data, spec, max_pixels
+            )
+
+    def close(self) -> None:
+        """Stop the workers; decodes still queued are cancelled."""
+        self._executor.shutdown(wait=False, cancel_futures=True)

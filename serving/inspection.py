@@ -1,0 +1,116 @@
+"""One inspection: decode -> micro-batched inference -> decision -> archive -> durable record.
+
+Shared by the single, batch and Open Inference Protocol routes, so every path records alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cellinspect.serving.policy import decide
+from cellinspect.serving.records import InspectionRecord
+from cellinspect.serving.schemas import InspectResponse, ModelInfo, Timings
+from cellinspect.serving.service import Service
+
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/bmp": "bmp", "image/tiff": "tif"}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an image comes from on the line."""
+
+    line_id: str | None = None
+    station_id: str | None = None
+    cell_id: str | None = None
+
+
+def _sniff_extension(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "png"
+    if data.startswith(b"\xff\xd8"):
+        return "jpg"
+    if data.startswith(b"BM"):
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tif"
+    return "bin"
+
+
+async def inspect_image(
+    service: Service, data: bytes, *, model: str | None, origin: Origin, started: float
+) -> InspectResponse:
+    """Inspect one encoded image; returns only after the record is durably stored."""
+    settings = service.settings
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.deadline_ms / 1000.0 - (time.perf_counter() - started)
+    # A lease keeps this version alive across a concurrent hot reload.
+    with service.registry.lease(model) as engine:
+        decoded = await service.decoder.decode(
+            data, engine.card.preprocessing, max_pixels=settings.max_pixels
+        )
+        probs, timing = await engine.infer(decoded.tensor, deadline)
+    decision = decide(
+        probs, engine.card, line_id=origin.line_id, line_points=settings.line_operating_points
+    )
+    sha256 = hashlib.sha256(data).hexdigest()
+    created = datetime.now(UTC)
+    archived = None
+    if service.archive.should_archive(decision.verdict):
+        archived = await asyncio.to_thread(
+            service.archive.save,
+            data,
+            sha256=sha256,
+            verdict=decision.verdict,
+            label=decision.label,
+            created=created,
+            ext=_sniff_extension(data),
+        )
+    probabilities = {c: float(p) for c, p in zip(engine.card.class_names, probs, strict=True)}
+    timings = {
+        "decode_ms": decoded.decode_ms,
+        "queue_ms": timing.queue_ms,
+        "infer_ms": timing.infer_ms,
+    }
+    inspection_id = uuid.uuid4().hex
+    timings["total_ms"] = (time.perf_counter() - started) * 1000.0
+    record = InspectionRecord(
+        id=inspection_id,
+        created=created,
+        line_id=origin.line_id,
+        station_id=origin.station_id,
+        cell_id=origin.cell_id,
+        model_name=engine.name,
+        model_version=engine.version,
+        label=decision.label,
+        confidence=decision.confidence,
+        probabilities=probabilities,
+        verdict=decision.verdict,
+        timings=timings,
+        image_sha256=sha256,
+        archive_path=archived,
+    )
+    await service.records.add(record)  # durable before the answer leaves
+    timings["total_ms"] = (time.perf_counter() - started) * 1000.0
+    metrics = service.metrics
+    metrics.observe_timings(**timings)
+    metrics.verdicts.labels(
+        origin.line_id or "", origin.station_id or "", decision.label, decision.verdict.value
+    ).inc()
+    return InspectResponse(
+        inspection_id=inspection_id,
+        verdict=decision.verdict,
+        label=decision.label,
+        confidence=decision.confidence,
+        defect_probability=decision.defect_probability,
+        probabilities=probabilities,
+        model=ModelInfo(name=engine.name, version=engine.version),
+        timings=Timings(**timings),
+        line_id=origin.line_id,
+        station_id=origin.station_id,
+        cell_id=origin.cell_id,
+    )

@@ -1,0 +1,486 @@
+"""Durable inspection records: one row per answered image, committed before the answer leaves.
+
+Writes go through a group-commit writer thread: concurrent requests queue their rows, the
+writer inserts everything pending in one transaction, and every waiter is released after
+the single commit (one fsync for many verdicts). Reads run synchronously in the caller's
+thread; the API calls them off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Dialect,
+    Engine,
+    Float,
+    Index,
+    String,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from cellinspect.models.card import Verdict
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5  # a down database fails a batch in seconds, never hangs it
+STATEMENT_TIMEOUT_MS = 30_000  # PostgreSQL: a stuck server cannot hold the writer forever
+TCP_USER_TIMEOUT_MS = 10_000  # PostgreSQL: unacknowledged data means the link is dead
+SQLITE_BUSY_TIMEOUT_MS = 5_000  # another process (a CLI tool) holding the write lock
+
+
+class RecordStoreUnavailable(RuntimeError):
+    """The records database cannot take or serve records right now (down, disk error, closed)."""
+
+
+def _as_utc(value: datetime) -> datetime:
+    # Naive datetimes (SQLite, query strings without offset) are taken to be UTC.
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+UTCDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out, on every backend (SQLite stores naive UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = _as_utc(value)
+        # SQLite compares the stored text; one fixed naive-UTC form keeps ordering right.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else _as_utc(value)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class InspectionRow(Base):
+    """Storage model of one inspection; the API speaks `InspectionRecord`."""
+
+    __tablename__ = "inspections"
+    # Operators browse one line's recent history: line + time is the common filter.
+    __table_args__ = (Index("ix_inspections_line_created", "line_id", "created"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    line_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    station_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    cell_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(128))
+    confidence: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[dict[str, float]] = mapped_column(JSON)
+    verdict: Mapped[str] = mapped_column(String(8), index=True)
+    timings: Mapped[dict[str, float]] = mapped_column(JSON)
+    image_sha256: Mapped[str] = mapped_column(String(64))
+    archive_path: Mapped[str | None] = mapped_column(String(512))
+    frame_regions: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # Shadow deployment (a candidate model scored beside production), filled in later.
+    shadow_model_version: Mapped[str | None] = mapped_column(String(64))
+    shadow_label: Mapped[str | None] = mapped_column(String(128))
+    shadow_verdict: Mapped[str | None] = mapped_column(String(8))
+
+
+class Timings(BaseModel):
+    """Where one request's time went, in milliseconds."""
+
+    decode_ms: float = 0.0
+    queue_ms: float = 0.0
+    infer_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class InspectionRecord(BaseModel):
+    """One answered inspection, as stored and as the API returns it."""
+
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, max_length=32)
+    created: UTCDatetime = Field(default_factory=lambda: datetime.now(UTC))
+    line_id: str | None = Field(None, max_length=128)
+    station_id: str | None = Field(None, max_length=128)
+    cell_id: str | None = Field(None, max_length=128)
+    model_name: str = Field(max_length=128)
+    model_version: str = Field(max_length=64)
+    label: str = Field(max_length=128)
+    confidence: float
+    probabilities: dict[str, float]
+    verdict: Verdict
+    timings: Timings = Field(default_factory=Timings)
+    image_sha256: str = Field(max_length=64)
+    archive_path: str | None = Field(None, max_length=512)
+    frame_regions: list[dict[str, Any]] | None = None
+    shadow_model_version: str | None = Field(None, max_length=64)
+    shadow_label: str | None = Field(None, max_length=128)
+    shadow_verdict: Verdict | None = None
+
+
+class InspectionQuery(BaseModel):
+    """Filters and page of a records listing; unset filters match everything."""
+
+    line_id: str | None = None
+    station_id: str | None = None
+    cell_id: str | None = None
+    verdict: Verdict | None = None
+    since: UTCDatetime | None = None  # inclusive
+    until: UTCDatetime | None = None  # exclusive
+    limit: int = Field(100, ge=1, le=1000)
+    offset: int = Field(0, ge=0)
+
+
+def _row_values(record: InspectionRecord) -> dict[str, Any]:
+    # JSON mode turns enums into plain strings (psycopg would dump an Enum's *name*).
+    values = record.model_dump(mode="json")
+    values["created"] = record.created
+    return values
+
+
+@dataclass(slots=True)
+class _Pending:
+    record: InspectionRecord
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
+_STOP = object()  # sentinel: the writer drains everything queued before it, then exits
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    # Runs on the request's loop; the request may have been cancelled meanwhile.
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _unavailable(exc: BaseException) -> RecordStoreUnavailable:
+    # The driver's own message says what is wrong (refused, disk I/O error); SQL text does not.
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return RecordStoreUnavailable(
+        f"inspection records database unavailable ({type(cause).__name__}: {detail})"
+    )
+
+
+class RecordStore:
+    """Inspection records in SQLite (default) or PostgreSQL, with group commit."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_group: int = 256,
+        commit_wait_ms: float = 1.0,
+        on_commit: Callable[[int, float], None] | None = None,
+        commit_timeout_s: float = 10.0,
+    ) -> None:
+        if max_group < 1 or commit_timeout_s <= 0:
+            raise ValueError("max_group must be at least 1 and commit_timeout_s positive")
+        self.max_group = max_group
+        self.commit_timeout_s = commit_timeout_s
+        self.commit_wait_s = max(commit_wait_ms, 0.0) / 1000
+        self.on_commit = on_commit
+        self.engine = _create_engine(url)
+        self.backend = self.engine.dialect.name
+        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders "closed" against enqueueing
+        self._closed = False
+        self._writer: threading.Thread | None = None
+        try:
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            self.engine.dispose()
+            raise _unavailable(exc) from exc
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the writer thread (idempotent; `add` starts it on first use too)."""
+        self.start_sync()
+
+    def start_sync(self) -> None:
+        """`start` for synchronous callers."""
+        with self._lock:
+            if self._closed:
+                raise RecordStoreUnavailable("record store is closed")
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._run, name="records-writer", daemon=True
+                )
+                self._writer.start()
+
+    async def close(self) -> None:
+        """Commit everything already accepted, stop the writer, release connections."""
+        # The drain may wait on a commit; keep the event loop free meanwhile.
+        await asyncio.to_thread(self.close_sync)
+
+    def close_sync(self) -> None:
+        """`close` for synchronous callers (tools, tests)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            writer = self._writer
+            self._queue.put(_STOP)
+        if writer is not None:
+            writer.join()
+        self.engine.dispose()
+
+    def __enter__(self) -> RecordStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close_sync()
+
+    @property
+    def pending(self) -> int:
+        """Records queued but not yet committed (approximate)."""
+        return self._queue.qsize()
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def add(self, record: InspectionRecord) -> None:
+        """Return once `record` is durably committed; RecordStoreUnavailable if it cannot be."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        # Mark the outcome retrieved: after a timeout nobody awaits it, and asyncio would warn.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if self._writer is None:
+            self.start_sync()
+        with self._lock:
+            if self._closed:
+                raise RecordStoreUnavailable("record store is closed")
+            self._queue.put(_Pending(record, future, loop))
+        try:
+            # Last line of defence against a writer stuck on a frozen server: the request
+            # gets an answer. The record may still land later (at-least-once on retry).
+            await asyncio.wait_for(asyncio.shield(future), self.commit_timeout_s)
+        except TimeoutError:
+            raise RecordStoreUnavailable(
+                f"inspection record not committed within {self.commit_timeout_s:g} s"
+            ) from None
+
+    def add_many_sync(self, records: Iterable[InspectionRecord]) -> None:
+        """Insert records in one transaction from the calling thread (tools, tests)."""
+        values = [_row_values(r) for r in records]
+        if not values:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(InspectionRow), values)
+        except SQLAlchemyError as exc:
+            raise _unavailable(exc) from exc
+
+    def _run(self) -> None:
+        while True:
+            batch, stop = self._take()
+            if batch:
+                self._commit(batch)
+            if stop:
+                return
+
+    def _take(self) -> tuple[list[_Pending], bool]:
+        """Block for one record, then gather what else is pending (briefly waiting for more)."""
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        assert isinstance(first, _Pending)
+        batch = [first]
+        deadline = time.monotonic() + self.commit_wait_s
+        while len(batch) < self.max_group:
+            remaining = deadline - time.monotonic()
+            try:
+                item = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            assert isinstance(item, _Pending)
+            batch.append(item)
+        return batch, False
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(InspectionRow), [_row_values(p.record) for p in batch])
+        # The writer must outlive any failure: every waiter gets an answer, and the next
+        # batch retries on a fresh connection (pool_pre_ping, SQLite reopen).
+        except Exception as exc:
+            if len(batch) > 1 and not isinstance(exc, OperationalError | InterfaceError | OSError):
+                # Not the database being down (a bad row?): one record must not sink its batch.
+                logger.warning(
+                    "records: batch of %d failed (%s); retrying one by one", len(batch), exc
+                )
+                for pending in batch:
+                    self._commit([pending])
+                return
+            error = _unavailable(exc)
+            logger.error("records: batch of %d not committed: %s", len(batch), error)
+            self._release(batch, error)
+            return
+        self._report(len(batch), time.perf_counter() - started)
+        self._release(batch, None)
+
+    def _report(self, size: int, seconds: float) -> None:
+        if self.on_commit is None:
+            return
+        try:
+            self.on_commit(size, seconds)
+        except Exception:  # a metrics bug must not stop records
+            logger.exception("records: on_commit callback failed")
+
+    @staticmethod
+    def _release(batch: list[_Pending], error: RecordStoreUnavailable | None) -> None:
+        for pending in batch:
+            # RuntimeError: the request's loop is gone (shutdown); nobody is waiting.
+            with suppress(RuntimeError):
+                pending.loop.call_soon_threadsafe(_settle, pending.future, error)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with Session(self.engine) as session:
+                yield session
+        except DBAPIError as exc:
+            raise _unavailable(exc) from exc
+
+    def get(self, record_id: str) -> InspectionRecord | None:
+        """The record with this id, or None."""
+        with self._session() as session:
+            row = session.get(InspectionRow, record_id)
+            return None if row is None else InspectionRecord.model_validate(row)
+
+    def query(self, q: InspectionQuery) -> tuple[list[InspectionRecord], int]:
+        """One page of matching records, newest first, and the total number matching."""
+        conditions = []
+        for column, value in (
+            (InspectionRow.line_id, q.line_id),
+            (InspectionRow.station_id, q.station_id),
+            (InspectionRow.cell_id, q.cell_id),
+            (InspectionRow.verdict, q.verdict.value if q.verdict else None),
+        ):
+            if value is not None:
+                conditions.append(column == value)
+        if q.since is not None:
+            conditions.append(InspectionRow.created >= q.since)
+        if q.until is not None:
+            conditions.append(InspectionRow.created < q.until)
+        page = (
+            select(InspectionRow)
+            .where(*conditions)
+            .order_by(InspectionRow.created.desc(), InspectionRow.id.desc())
+            .limit(q.limit)
+            .offset(q.offset)
+        )
+        with self._session() as session:
+            total = session.scalar(
+                select(func.count()).select_from(InspectionRow).where(*conditions)
+            )
+            rows = session.scalars(page).all()
+            return [InspectionRecord.model_validate(r) for r in rows], int(total or 0)
+
+    def count(self) -> int:
+        """Number of stored records."""
+        with self._session() as session:
+            return int(session.scalar(select(func.count()).select_from(InspectionRow)) or 0)
+
+    def integrity_check(self) -> str:
+        """ "ok", or what is wrong with the database (never raises)."""
+        try:
+            with self.engine.connect() as conn:
+                if self.backend == "sqlite":
+                    problems = [str(r[0]) for r in conn.execute(text("PRAGMA integrity_check"))]
+                    return "ok" if problems == ["ok"] else "; ".join(problems)
+                conn.execute(text("SELECT 1"))
+                conn.execute(select(func.count()).select_from(InspectionRow))
+                return "ok"
+        except Exception as exc:
+            return str(_unavailable(exc))
+
+
+def _create_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or database.startswith("file:"):
+            # Each pooled connection would see its own empty database.
+            raise ValueError(f"records need an SQLite file, not {url!r}")
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            parsed,
+            # The pool hands a connection to one thread at a time; the writer and readers differ.
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if backend == "postgresql":
+        return create_engine(
+            parsed,
+            pool_pre_ping=True,  # connections die when the server restarts
+            pool_timeout=CONNECT_TIMEOUT_S,
+            connect_args={
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+                # A network partition surfaces as an error in seconds, not minutes of TCP retries.
+                "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+            },
+        )
+    raise ValueError(f"unsupported records database {backend!r}; valid: sqlite, postgresql")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+        cursor.execute("PRAGMA synchronous=FULL")  # an acknowledged verdict survives power loss
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()

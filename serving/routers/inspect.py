@@ -1,0 +1,124 @@
+"""Line cameras post images here and get pass / review / scrap."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from cellinspect.datasets.errors import ImageDecodeError
+from cellinspect.serving.errors import decode_error_status, describe_decode_error
+from cellinspect.serving.inspection import Origin, inspect_image
+from cellinspect.serving.schemas import (
+    ID_PATTERN,
+    MODEL_REF_PATTERN,
+    BatchItem,
+    BatchResponse,
+    ErrorBody,
+    InspectResponse,
+)
+from cellinspect.serving.service import ServiceDep, StationRole
+from cellinspect.serving.uploads import read_single, read_uploads
+
+router = APIRouter(prefix="/v1/inspect", tags=["inspect"])
+
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            **{
+                t: {"schema": {"type": "string", "format": "binary"}}
+                for t in ("image/png", "image/jpeg", "image/bmp", "image/tiff")
+            },
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                    "required": ["image"],
+                }
+            },
+        },
+    }
+}
+LineId = Annotated[str | None, Query(max_length=128, pattern=ID_PATTERN)]
+ModelRef = Annotated[
+    str | None,
+    Query(
+        max_length=130, pattern=MODEL_REF_PATTERN, description="name, name@version or name@alias"
+    ),
+]
+
+
+def _origin(line_id: str | None, station_id: str | None, cell_id: str | None) -> Origin:
+    return Origin(line_id=line_id, station_id=station_id, cell_id=cell_id)
+
+
+@router.post(
+    "", response_model=InspectResponse, openapi_extra=IMAGE_BODY, summary="Inspect one image"
+)
+async def inspect(
+    request: Request,
+    response: Response,
+    service: ServiceDep,
+    _: StationRole,
+    line_id: LineId = None,
+    station_id: LineId = None,
+    cell_id: LineId = None,
+    model: ModelRef = None,
+) -> InspectResponse:
+    started = time.perf_counter()
+    upload = await read_single(request)
+    result = await inspect_image(
+        service,
+        upload.data,
+        model=model,
+        origin=_origin(line_id, station_id, cell_id),
+        started=started,
+    )
+    response.headers["X-Processing-Time"] = f"{result.timings.total_ms:.2f}ms"
+    response.headers["X-Model-Version"] = f"{result.model.name}@{result.model.version}"
+    return result
+
+
+@router.post(
+    "/batch",
+    response_model=BatchResponse,
+    summary="Inspect several images (multipart file parts), one result each, order kept",
+)
+async def inspect_batch(
+    request: Request,
+    service: ServiceDep,
+    _: StationRole,
+    line_id: LineId = None,
+    station_id: LineId = None,
+    cell_id: LineId = None,
+    model: ModelRef = None,
+) -> BatchResponse:
+    started = time.perf_counter()
+    uploads = await read_uploads(request, max_files=service.settings.max_batch_images)
+    origin = _origin(line_id, station_id, cell_id)
+    outcomes = await asyncio.gather(
+        *(
+            inspect_image(service, u.data, model=model, origin=origin, started=started)
+            for u in uploads
+        ),
+        return_exceptions=True,
+    )
+    items = []
+    for index, (upload, outcome) in enumerate(zip(uploads, outcomes, strict=True)):
+        if isinstance(outcome, ImageDecodeError):
+            _, code = decode_error_status(outcome)
+            items.append(
+                BatchItem(
+                    index=index,
+                    filename=upload.filename,
+                    error=ErrorBody(detail=describe_decode_error(outcome), code=code),
+                )
+            )
+        elif isinstance(outcome, BaseException):
+            raise outcome  # overload, unknown model, records down: the whole request fails alike
+        else:
+            items.append(BatchItem(index=index, filename=upload.filename, result=outcome))
+    return BatchResponse(results=items)

@@ -1,0 +1,84 @@
+"""Request and response schemas of the HTTP API (separate from storage models)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, Field, StringConstraints
+
+from cellinspect.models.card import Verdict
+
+# Identifiers that come from line equipment: printable, no path separators, bounded.
+Identifier = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$")
+]
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]*$"
+MODEL_REF_PATTERN = r"^[a-z0-9][a-z0-9._\-]{0,63}(@[A-Za-z0-9][A-Za-z0-9._\-]{0,63})?$"
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+
+
+class Timings(BaseModel):
+    decode_ms: float = Field(description="decode + preprocess, in the worker pool")
+    queue_ms: float = Field(description="waiting for a micro-batch to run")
+    infer_ms: float = Field(description="ONNX Runtime time of the batch this image ran in")
+    total_ms: float = Field(description="request arrival to answer, recording included")
+
+
+class InspectResponse(BaseModel):
+    inspection_id: str
+    verdict: Verdict
+    label: str = Field(description="most probable class")
+    confidence: float = Field(description="probability of `label`")
+    defect_probability: float = Field(description="1 - P(good class), what the thresholds act on")
+    probabilities: dict[str, float]
+    model: ModelInfo
+    timings: Timings
+    line_id: str | None = None
+    station_id: str | None = None
+    cell_id: str | None = None
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    code: str = Field(description="stable machine-readable reason, e.g. truncated, too_large")
+
+
+class BatchItem(BaseModel):
+    index: int
+    filename: str | None = None
+    result: InspectResponse | None = None
+    error: ErrorBody | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]
+
+
+class ServedModel(BaseModel):
+    name: str
+    version: str
+    ref: str
+    default: bool
+    classes: list[str]
+    input_shape: list[int]
+    operating_point: dict[str, float | str | None]
+
+
+class ReloadRequest(BaseModel):
+    version: str | None = Field(None, description="version or alias; default: production/latest")
+
+
+class ReloadResponse(BaseModel):
+    name: str
+    previous_version: str
+    version: str
+
+
+class PromoteRequest(BaseModel):
+    version: str
+    alias: str = "production"
+    reload: bool = Field(True, description="serve the promoted version at once")

@@ -1,0 +1,83 @@
+"""The service's parts and the `Annotated` dependencies route handlers take."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, HTTPException, Request, status
+
+from cellinspect.models.store import ModelStore
+from cellinspect.serving.archive import ImageArchive
+from cellinspect.serving.auth import ApiKeyAuth, allows, presented_key
+from cellinspect.serving.engine import DecodePool, ModelRegistry
+from cellinspect.serving.metrics import ServiceMetrics
+from cellinspect.serving.records import RecordStore
+from cellinspect.serving.settings import Role, Settings
+
+
+@dataclass
+class Service:
+    settings: Settings
+    store: ModelStore
+    registry: ModelRegistry
+    records: RecordStore
+    archive: ImageArchive
+    decoder: DecodePool
+    auth: ApiKeyAuth
+    metrics: ServiceMetrics
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def require(needed: Role) -> Callable[..., Coroutine[Any, Any, Role]]:
+    """Dependency: 401 without a valid key, 403 when the key's role is below `needed`."""
+
+    async def check(
+        service: ServiceDep,
+        x_api_key: Annotated[str | None, Header()] = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Role:
+        role = service.auth.role_for(presented_key(x_api_key, authorization))
+        if role is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "missing or unknown API key (send X-API-Key or Authorization: Bearer)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not allows(role, needed):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"this key's role ({role.value}) cannot do this; needs {needed.value}",
+            )
+        return role
+
+    return check
+
+
+StationRole = Annotated[Role, Depends(require(Role.STATION))]
+OperatorRole = Annotated[Role, Depends(require(Role.OPERATOR))]
+AdminRole = Annotated[Role, Depends(require(Role.ADMIN))]
+
+
+def open_or(
+    needed: Role, is_open: Callable[[Settings], bool]
+) -> Callable[..., Coroutine[Any, Any, None]]:
+    """Dependency for health and metrics: open when settings say so, else `needed` role."""
+    checker = require(needed)
+
+    async def check(
+        service: ServiceDep,
+        x_api_key: Annotated[str | None, Header()] = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> None:
+        if not is_open(service.settings):
+            await checker(service, x_api_key, authorization)
+
+    return check

@@ -1,0 +1,111 @@
+"""`cellinspect serve` (the inspection service) and `cellinspect camera` (a simulated line camera)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import numpy as np
+import typer
+
+from cellinspect.cli.common import console
+
+HOST_HELP = "Address to listen on (default loopback; 0.0.0.0 inside a container)."
+
+
+def serve(
+    model: list[str] | None = typer.Option(
+        None,
+        "--model",
+        help="NAME, NAME@VERSION or NAME@ALIAS; repeat for several (first = default).",
+    ),
+    host: str = typer.Option("127.0.0.1", help=HOST_HELP),
+    port: int = typer.Option(8000, min=1, max=65535),
+    workers: int = typer.Option(
+        1, min=1, help="Server processes; ORT threads are split between them."
+    ),
+) -> None:
+    """Run the inspection service (settings from CELLINSPECT_* environment and .env)."""
+    import os
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from cellinspect.serving.settings import Settings
+
+    overrides = {"models": model} if model else {}
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        # Only the messages: the input values may hold API keys.
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"invalid service settings: {problems}") from None
+    if model:
+        os.environ["CELLINSPECT_MODELS"] = ",".join(
+            model
+        )  # the factory re-reads settings per worker
+    if workers > 1 and settings.intra_op_threads is None:
+        # Several processes on the same cores: give each its share, never oversubscribe.
+        os.environ["CELLINSPECT_INTRA_OP_THREADS"] = str(max(1, settings.cores // workers))
+    uvicorn.run(
+        "cellinspect.serving.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        access_log=False,  # one log line per image at line rate is noise; metrics count them
+    )
+
+
+def camera(
+    url: str = typer.Option("http://127.0.0.1:8000", help="Service base URL."),
+    rate: float = typer.Option(5.0, min=0.1, help="Images per second."),
+    count: int = typer.Option(20, min=1, help="Images to send."),
+    line_id: str = typer.Option("line-1", help="Line id sent with each image."),
+    station_id: str = typer.Option("station-1", help="Station id sent with each image."),
+    api_key: str | None = typer.Option(
+        None, envvar="CELLINSPECT_CAMERA_KEY", help="Station API key."
+    ),
+    seed: int = typer.Option(123, help="Seed of the synthetic images."),
+    size: int = typer.Option(128, min=32, help="Electrode tile side."),
+) -> None:
+    """Simulate a line camera: post synthetic electrode tiles and print each verdict."""
+    from cellinspect.datasets.decode import encode_png
+    from cellinspect.datasets.synth import ELECTRODE_CLASSES, generate_electrode
+
+    rng = np.random.default_rng(seed)
+    verdicts: Counter[str] = Counter()
+    correct = 0
+    for i in range(count):
+        started = time.perf_counter()
+        truth = str(rng.choice(ELECTRODE_CLASSES))
+        image, _ = generate_electrode(truth, rng, size=size)
+        query = f"line_id={line_id}&station_id={station_id}&cell_id=cell-{seed}-{i:05d}"
+        request = urllib.request.Request(
+            f"{url.rstrip('/')}/v1/inspect?{query}",
+            data=encode_png(image),
+            headers={"Content-Type": "image/png", **({"X-API-Key": api_key} if api_key else {})},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                body = json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            console.print(f"{i:4d} truth={truth:<17} HTTP {exc.code}: {exc.read()[:200]!r}")
+            continue
+        except urllib.error.URLError as exc:
+            raise ValueError(f"{url}: service not reachable ({exc.reason})") from None
+        verdicts[body["verdict"]] += 1
+        correct += body["label"] == truth
+        console.print(
+            f"{i:4d} truth={truth:<17} label={body['label']:<17} verdict={body['verdict']:<6} "
+            f"p_defect={body['defect_probability']:.3f} {body['timings']['total_ms']:.1f} ms"
+        )
+        time.sleep(max(0.0, 1.0 / rate - (time.perf_counter() - started)))
+    console.print(f"sent {count}: {dict(verdicts)}; label correct {correct}/{count}")

@@ -1,0 +1,278 @@
+"""The HTTP API on a tiny model: verdicts recorded, precise 4xx for bad input, roles enforced."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from servicekit import KEYS, auth, png
+
+from cellinspect.datasets.decode import encode_png
+
+
+def inspect(
+    client: TestClient, body: bytes, ctype: str = "image/png", role: str = "station", **params
+):
+    return client.post(
+        "/v1/inspect", content=body, headers={"Content-Type": ctype, **auth(role)}, params=params
+    )
+
+
+def test_dark_image_passes_and_is_recorded(client: TestClient) -> None:
+    r = inspect(client, png(0), line_id="L1", station_id="S1", cell_id="C-0001")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["verdict"], body["label"]) == ("pass", "good")
+    assert body["model"] == {"name": "tiny", "version": "1"}
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
+    assert r.headers["X-Model-Version"] == "tiny@1" and r.headers["X-Processing-Time"].endswith(
+        "ms"
+    )
+    assert set(body["timings"]) == {"decode_ms", "queue_ms", "infer_ms", "total_ms"}
+    stored = client.get(f"/v1/inspections/{body['inspection_id']}", headers=auth("operator")).json()
+    assert (stored["verdict"], stored["line_id"], stored["cell_id"]) == ("pass", "L1", "C-0001")
+    assert len(stored["image_sha256"]) == 64
+
+
+def test_bright_image_is_scrapped_and_archived(client: TestClient) -> None:
+    body = inspect(client, png(255)).json()
+    assert (body["verdict"], body["label"]) == ("scrap", "scratch")
+    image = client.get(f"/v1/inspections/{body['inspection_id']}/image", headers=auth("operator"))
+    assert image.status_code == 200 and image.content == png(255)
+    assert image.headers["content-type"] == "image/png"
+
+
+def test_pass_image_is_not_archived_when_sampling_is_off(client: TestClient) -> None:
+    body = inspect(client, png(0)).json()
+    r = client.get(f"/v1/inspections/{body['inspection_id']}/image", headers=auth("operator"))
+    assert r.status_code == 404 and "no archived image" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        encode_png(np.full((16, 16), 0, np.uint16)),  # 16-bit gray
+        encode_png(np.zeros((16, 16, 3), np.uint8)),  # RGB
+        encode_png(np.zeros((16, 16, 4), np.uint8)),  # RGBA
+    ],
+    ids=["16bit", "rgb", "rgba"],
+)
+def test_depths_and_channel_layouts_are_accepted(client: TestClient, image: bytes) -> None:
+    r = inspect(client, image)
+    assert r.status_code == 200 and r.json()["label"] == "good"
+
+
+def test_multipart_upload(client: TestClient) -> None:
+    r = client.post(
+        "/v1/inspect", files={"image": ("a.png", png(255), "image/png")}, headers=auth("station")
+    )
+    assert r.status_code == 200 and r.json()["verdict"] == "scrap"
+
+
+def test_batch_keeps_order_and_reports_bad_items(client: TestClient) -> None:
+    files = [
+        ("images", ("dark.png", png(0), "image/png")),
+        ("images", ("broken.png", png(0)[:30], "image/png")),
+        ("images", ("bright.png", png(255), "image/png")),
+    ]
+    r = client.post("/v1/inspect/batch", files=files, headers=auth("station"))
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == ["dark.png", "broken.png", "bright.png"]
+    assert results[0]["result"]["verdict"] == "pass" and results[2]["result"]["verdict"] == "scrap"
+    assert results[1]["error"]["code"] == "truncated" and results[1]["result"] is None
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "code"),
+    [
+        (b"", "image/png", 400, "empty"),
+        (b"this is not an image at all", "image/png", 415, "unsupported"),
+        (png(0)[:40], "image/png", 422, "truncated"),
+        (_bomb_png(50_000, 50_000), "image/png", 422, "too_large"),
+        (b"GIF89a" + b"\0" * 32, "image/gif", 415, "unsupported_media_type"),
+        (png(0), "text/plain", 415, "unsupported_media_type"),
+        (b"--x\r\nbroken", "multipart/form-data; boundary=x", 400, "no_image"),
+        (b"--x\r\nbroken", "multipart/form-data", 400, "malformed_multipart"),
+    ],
+    ids=[
+        "empty",
+        "not-image",
+        "truncated",
+        "bomb",
+        "gif-type",
+        "wrong-type",
+        "no-file-part",
+        "no-boundary",
+    ],
+)
+def test_bad_input_gets_precise_4xx(
+    client: TestClient, body: bytes, ctype: str, status: int, code: str
+) -> None:
+    r = inspect(client, body, ctype)
+    assert r.status_code == status, r.text
+    assert r.json()["code"] == code and r.json()["detail"]
+    assert inspect(client, png(0)).status_code == 200  # still serving
+
+
+def test_oversized_body_is_refused_with_413(client: TestClient) -> None:
+    r = inspect(client, b"\x89PNG" + b"\0" * 300_000)
+    assert r.status_code == 413 and r.json()["code"] == "body_too_large"
+
+
+def test_unknown_and_malformed_model_names(client: TestClient) -> None:
+    r = inspect(client, png(0), model="nosuch")
+    assert r.status_code == 404 and "tiny" in r.json()["detail"]
+    assert inspect(client, png(0), model="../../etc").status_code == 422
+    assert inspect(client, png(0), model="x" * 300).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "needed"),
+    [
+        ("post", "/v1/inspect", "station"),
+        ("get", "/v1/inspections", "operator"),
+        ("get", "/v1/models", "station"),
+        ("post", "/v1/models/tiny/reload", "admin"),
+    ],
+)
+def test_roles_are_enforced(client: TestClient, method: str, path: str, needed: str) -> None:
+    order = ["station", "operator", "admin"]
+    kwargs = (
+        {"content": png(0), "headers": {"Content-Type": "image/png"}}
+        if path == "/v1/inspect"
+        else {}
+    )
+    assert getattr(client, method)(path, **kwargs).status_code == 401
+    wrong = {
+        **kwargs,
+        "headers": {**kwargs.get("headers", {}), "X-API-Key": "not-a-key-0123456789"},
+    }
+    r = getattr(client, method)(path, **wrong)
+    assert r.status_code == 401 and "not-a-key" not in r.text
+    for role in order:
+        headers = {**kwargs.get("headers", {}), "Authorization": f"Bearer {KEYS[role]}"}
+        status = getattr(client, method)(path, **{**kwargs, "headers": headers}).status_code
+        allowed = order.index(role) >= order.index(needed)
+        assert (status < 400) if allowed else status == 403, (role, status)
+
+
+def test_inspections_filter_and_paginate(client: TestClient) -> None:
+    for i in range(3):
+        inspect(client, png(0), line_id="A", cell_id=f"c{i}")
+    inspect(client, png(255), line_id="B")
+    page = client.get(
+        "/v1/inspections", params={"line_id": "A", "limit": 2}, headers=auth("operator")
+    ).json()
+    assert page["total"] == 3 and len(page["items"]) == 2
+    scrap = client.get(
+        "/v1/inspections", params={"verdict": "scrap"}, headers=auth("operator")
+    ).json()
+    assert scrap["total"] == 1 and scrap["items"][0]["line_id"] == "B"
+    assert client.get("/v1/inspections/" + "0" * 32, headers=auth("operator")).status_code == 404
+
+
+def test_reload_promote_and_refused_reload(client: TestClient, home) -> None:
+    r = client.post("/v1/models/tiny/reload", json={"version": "2"}, headers=auth("admin"))
+    assert r.status_code == 200 and r.json() == {
+        "name": "tiny",
+        "previous_version": "1",
+        "version": "2",
+    }
+    assert inspect(client, png(0)).json()["model"]["version"] == "2"
+    (home / "store" / "tiny" / "1" / "model.onnx").write_bytes(b"tampered")
+    r = client.post("/v1/models/tiny/reload", json={"version": "1"}, headers=auth("admin"))
+    assert r.status_code == 409 and "still serving" in r.json()["detail"]
+    assert inspect(client, png(0)).json()["model"]["version"] == "2"
+    r = client.post("/v1/models/tiny/promote", json={"version": "2"}, headers=auth("admin"))
+    assert r.status_code == 200
+    models = client.get("/v1/models", headers=auth("station")).json()
+    assert models[0]["version"] == "2" and models[0]["classes"] == ["good", "crack", "scratch"]
+
+
+def test_health_ready_and_metrics(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "live"}
+    assert client.get("/readyz").json()["ready"] is True
+    inspect(client, png(0), line_id="L9")
+    text = client.get("/metrics").text
+    assert 'cellinspect_inferences_total{model="tiny"}' in text
+    assert 'cellinspect_executions_total{model="tiny"}' in text
+    assert (
+        'cellinspect_verdicts_total{label="good",line="L9",station="",verdict="pass"} 1.0' in text
+    )
+    assert 'cellinspect_model_info{model="tiny",version="1"} 1.0' in text
+    assert "cellinspect_latency_seconds_bucket" in text and "cellinspect_queue_depth" in text
+
+
+def test_v2_protocol_fp32_bytes_and_binary(client: TestClient) -> None:
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    meta = client.get("/v2/models/tiny", headers=auth("station")).json()
+    assert meta["inputs"][0] == {"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}
+    dark = np.full((2, 1, 8, 8), -2.0, np.float32)
+    req = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "FP32",
+                "shape": [2, 1, 8, 8],
+                "data": dark.ravel().tolist(),
+            }
+        ]
+    }
+    out = client.post("/v2/models/tiny/infer", json=req, headers=auth("station")).json()
+    probs = np.array(out["outputs"][0]["data"]).reshape(out["outputs"][0]["shape"])
+    assert probs.shape == (2, 3) and (probs.argmax(1) == 0).all()
+    images = [base64.b64encode(png(255)).decode()]
+    req = {"inputs": [{"name": "raw", "datatype": "BYTES", "shape": [1], "data": images}]}
+    out = client.post("/v2/models/tiny/infer", json=req, headers=auth("station")).json()
+    assert {o["name"]: o.get("data") for o in out["outputs"]}["verdict"] == ["scrap"]
+    # Triton's binary tensor extension, as tritonclient sends it by default.
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "FP32",
+                    "shape": [2, 1, 8, 8],
+                    "parameters": {"binary_data_size": dark.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    r = client.post(
+        "/v2/models/tiny/infer",
+        content=header + dark.tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(header)), **auth("station")},
+    )
+    n = int(r.headers["Inference-Header-Content-Length"])
+    head = json.loads(r.content[:n])
+    assert head["outputs"][0]["parameters"]["binary_data_size"] == 2 * 3 * 4
+    assert np.allclose(np.frombuffer(r.content[n:], "<f4").reshape(2, 3), probs, atol=1e-6)
+    bad = {
+        "inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 4, 4], "data": [0.0] * 16}]
+    }
+    assert (
+        client.post("/v2/models/tiny/infer", json=bad, headers=auth("station")).status_code == 400
+    )

@@ -1,0 +1,217 @@
+"""ModelEngine, ModelRegistry (lookup, reload safety) and DecodePool on tiny torch-free ONNX models."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tinymodel import SPEC, WEIGHTS, build_classifier, make_card
+
+from cellinspect.datasets.decode import encode_png
+from cellinspect.datasets.errors import ImageDecodeError, TruncatedImageError
+from cellinspect.datasets.preprocess import preprocess
+from cellinspect.models.predict import LoadedModel
+from cellinspect.models.store import MODEL_FILE, ModelNotFoundError, ModelStore
+from cellinspect.serving.engine import DecodePool, ModelRegistry, ModelReloadError
+from cellinspect.serving.settings import Settings
+
+
+def publish(store: ModelStore, tmp: Path, name: str = "tiny", **build: object) -> str:
+    """Publish a tiny model built with `build` options; return its version."""
+    onnx_path = build_classifier(tmp / f"{name}-{len(store.versions(name))}.onnx", **build)  # type: ignore[arg-type]
+    return store.publish(onnx_path, make_card(name)).version
+
+
+def settings_for(store: ModelStore, models: list[str]) -> Settings:
+    return Settings(
+        models=models,
+        store=store.root,
+        intra_op_threads=1,
+        max_batch_size=4,
+        max_delay_ms=1,
+        queue_size=32,
+        deadline_ms=5000,
+    )
+
+
+def tensor(value: float) -> np.ndarray:
+    return np.full(SPEC.input_shape, value, np.float32)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    store = ModelStore(tmp_path / "store")
+    publish(store, tmp_path)  # tiny@1
+    publish(store, tmp_path, weights=WEIGHTS * 2)  # tiny@2, different outputs
+    store.promote("tiny", 1)
+    publish(store, tmp_path, name="other")
+    return store
+
+
+def deadline(seconds: float = 5.0) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+def test_infer_matches_loaded_model_predict(store: ModelStore, tmp_path: Path) -> None:
+    image = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 3).astype(np.uint8)
+    reference = LoadedModel.load(store, "tiny@1", threads=1).predict([image])[0]
+
+    async def scenario() -> None:
+        registry = ModelRegistry(store, settings_for(store, ["tiny"]))
+        await registry.load_all()
+        engine = registry.get(None)
+        probs, timing = await engine.infer(preprocess(image, SPEC), deadline())
+        np.testing.assert_allclose(probs, reference, rtol=1e-6, atol=1e-7)
+        assert probs.sum() == pytest.approx(1.0)
+        assert timing.batch_size == 1
+        with pytest.raises(ValueError, match="expects a float32 tensor"):
+            await engine.infer(np.zeros((1, 4, 4), np.float32), deadline())
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_registry_lookup(store: ModelStore) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(store, settings_for(store, ["tiny", "other@1"]))
+        assert not registry.ready
+        await registry.load_all()
+        assert registry.ready
+        default = registry.get(None)
+        assert (default.name, default.version, default.ref) == ("tiny", "1", "tiny@1")
+        assert registry.get("tiny") is default
+        assert registry.get("tiny@1") is default
+        assert registry.get("tiny@production") is default
+        assert registry.get("other").ref == "other@1"
+        assert [e.ref for e in registry.list()] == ["tiny@1", "other@1"]
+        with pytest.raises(ModelNotFoundError, match=r"served at version 1"):
+            registry.get("tiny@2")
+        with pytest.raises(ModelNotFoundError, match=r"served: tiny, other"):
+            registry.get("nope")
+        with pytest.raises(ModelNotFoundError, match="alias"):
+            registry.get("tiny@staging")
+        with pytest.raises(ModelNotFoundError, match="invalid model name"):
+            registry.get("Bad Name")
+        await registry.close()
+        assert not registry.ready
+
+    asyncio.run(scenario())
+
+
+def test_reload_swaps_to_new_version(store: ModelStore) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(store, settings_for(store, ["tiny"]))
+        await registry.load_all()
+        old = registry.get("tiny")
+        before, _ = await old.infer(tensor(0.9), deadline())
+        assert await registry.reload("tiny", "2") == ("1", "2")
+        new = registry.get("tiny")
+        assert new.version == "2" and new is not old
+        assert registry.get("tiny@2") is new
+        after, _ = await new.infer(tensor(0.9), deadline())
+        assert not np.allclose(before, after)
+        # A reload without a selector re-resolves the configured ref: production -> 1.
+        assert await registry.reload("tiny") == ("2", "1")
+        with pytest.raises(ModelNotFoundError, match="no version 9"):
+            await registry.reload("tiny", "9")
+        with pytest.raises(ModelNotFoundError, match="not served"):
+            await registry.reload("other")
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def _tamper(store: ModelStore, tmp: Path) -> str:
+    path = store.root / "tiny" / "2" / MODEL_FILE
+    path.write_bytes(path.read_bytes() + b"\0")
+    return "2"
+
+
+def _garbage(store: ModelStore, tmp: Path) -> str:
+    bad = tmp / "garbage.onnx"
+    bad.write_bytes(b"this is not an onnx model")
+    return store.publish(bad, make_card()).version
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "reason"),
+    [
+        (_tamper, "sha256"),
+        (_garbage, "onnxruntime cannot load"),
+        (lambda store, tmp: publish(store, tmp, input_shape=("N", 1, 16, 16)), "shape"),
+        (lambda store, tmp: publish(store, tmp, weights=WEIGHTS * np.nan), "non-finite"),
+    ],
+    ids=["tampered", "corrupt", "wrong-shape", "nan"],
+)
+def test_failed_reload_keeps_old_version_serving(
+    store: ModelStore, tmp_path: Path, make_bad: object, reason: str
+) -> None:
+    version = make_bad(store, tmp_path)  # type: ignore[operator]
+
+    async def scenario() -> None:
+        registry = ModelRegistry(store, settings_for(store, ["tiny"]))
+        await registry.load_all()
+        old = registry.get(None)
+        expected, _ = await old.infer(tensor(0.3), deadline())
+        with pytest.raises(ModelReloadError, match=reason) as info:
+            await registry.reload("tiny", version)
+        assert "still serving tiny@1" in str(info.value)
+        assert registry.get(None) is old and registry.ready
+        probs, _ = await old.infer(tensor(0.3), deadline())
+        np.testing.assert_array_equal(probs, expected)
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_in_flight_requests_complete_during_reload(store: ModelStore) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(store, settings_for(store, ["tiny"]))
+        await registry.load_all()
+        v1 = registry.get(None)
+        expected, _ = await v1.infer(tensor(0.7), deadline())
+
+        async def request() -> tuple[str, np.ndarray]:
+            with registry.lease("tiny") as engine:
+                await asyncio.sleep(0.01)  # "decoding" while the reload swaps engines
+                probs, _ = await engine.infer(tensor(0.7), deadline())
+                return engine.version, probs
+
+        requests = [asyncio.create_task(request()) for _ in range(24)]
+        await asyncio.sleep(0)  # every request has leased v1
+        assert await registry.reload("tiny", "2") == ("1", "2")
+        results = await asyncio.gather(*requests)
+        assert {version for version, _ in results} == {"1"}
+        for _, probs in results:
+            np.testing.assert_allclose(probs, expected)
+        late, _ = await registry.get(None).infer(tensor(0.7), deadline())
+        assert not np.allclose(late, expected)
+        await registry.close()
+        assert not v1.batcher.running
+
+    asyncio.run(scenario())
+
+
+def test_decode_pool_decodes_and_preprocesses() -> None:
+    image = np.random.default_rng(1).integers(0, 255, (20, 30), dtype=np.uint8)
+    data = encode_png(image)
+
+    async def scenario() -> None:
+        pool = DecodePool(2)
+        decoded = await pool.decode(data, SPEC, max_pixels=10_000)
+        np.testing.assert_array_equal(decoded.image.squeeze(), image)
+        np.testing.assert_array_equal(decoded.tensor, preprocess(decoded.image, SPEC))
+        assert decoded.decode_ms >= 0
+        with pytest.raises(TruncatedImageError):
+            await pool.decode(data[: len(data) // 2], SPEC, max_pixels=10_000)
+        with pytest.raises(ImageDecodeError):
+            await pool.decode(data, SPEC, max_pixels=100)
+        many = await asyncio.gather(
+            *(pool.decode(data, SPEC, max_pixels=10_000) for _ in range(30))
+        )
+        assert all(np.array_equal(d.tensor, decoded.tensor) for d in many)
+        pool.close()
+
+    asyncio.run(scenario())

@@ -1,0 +1,252 @@
+"""Inspection records on SQLite: group commit, durability, failure and recovery, queries."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
+
+from cellinspect.models.card import Verdict
+from cellinspect.serving.records import (
+    InspectionQuery,
+    InspectionRecord,
+    RecordStore,
+    RecordStoreUnavailable,
+)
+
+T0 = datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
+
+
+def make_record(i: int = 0, **overrides: Any) -> InspectionRecord:
+    values: dict[str, Any] = {
+        "created": T0 + timedelta(seconds=i),
+        "line_id": "line-1",
+        "station_id": "st-1",
+        "cell_id": f"cell-{i:05d}",
+        "model_name": "electrode-defects",
+        "model_version": "3",
+        "label": "good",
+        "confidence": 0.97,
+        "probabilities": {"good": 0.97, "crack": 0.03},
+        "verdict": Verdict.PASS,
+        "timings": {"decode_ms": 1.0, "queue_ms": 0.5, "infer_ms": 2.0, "total_ms": 3.6},
+        "image_sha256": f"{i:064x}",
+    }
+    values.update(overrides)
+    return InspectionRecord(**values)
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'db' / 'inspections.sqlite3'}"
+
+
+@pytest.fixture
+def commits() -> list[int]:
+    return []
+
+
+@pytest.fixture
+def store(url: str, commits: list[int]) -> Iterator[RecordStore]:
+    with RecordStore(url, on_commit=lambda n, _s: commits.append(n)) as s:
+        yield s
+
+
+class FailInserts:
+    """Makes every INSERT fail like a broken disk while `on` is set."""
+
+    def __init__(self, store: RecordStore) -> None:
+        self.on = True
+        event.listen(store.engine, "before_cursor_execute", self)
+
+    def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if self.on and statement.lstrip().upper().startswith("INSERT"):
+            raise OperationalError(statement, None, Exception("disk I/O error"))
+
+
+def test_concurrent_adds_share_commits(store: RecordStore, commits: list[int]) -> None:
+    async def main() -> None:
+        await asyncio.gather(*(store.add(make_record(i)) for i in range(200)))
+
+    asyncio.run(main())
+    assert sum(commits) == 200
+    assert len(commits) <= 20, f"200 adds took {len(commits)} commits: {commits}"
+    assert store.count() == 200
+
+
+def test_awaited_adds_are_readable_after_reopen(url: str) -> None:
+    records = [make_record(i, verdict=Verdict.SCRAP, label="crack") for i in range(30)]
+
+    async def main() -> None:
+        store = RecordStore(url)
+        await store.start()
+        await asyncio.gather(*(store.add(r) for r in records))
+        await store.close()
+
+    asyncio.run(main())
+    with RecordStore(url) as reopened:
+        assert reopened.count() == 30
+        for record in records:
+            assert reopened.get(record.id) == record
+
+
+def test_close_commits_everything_already_accepted(url: str) -> None:
+    async def main() -> list[BaseException | None]:
+        store = RecordStore(url, commit_wait_ms=20)
+        tasks = [asyncio.create_task(store.add(make_record(i))) for i in range(50)]
+        await asyncio.sleep(0)  # every add is queued, few or none committed yet
+        await store.close()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert asyncio.run(main()) == [None] * 50
+    with RecordStore(url) as reopened:
+        assert reopened.count() == 50
+
+
+def test_add_after_close_is_refused(store: RecordStore) -> None:
+    store.close_sync()
+    with pytest.raises(RecordStoreUnavailable, match="closed"):
+        asyncio.run(store.add(make_record()))
+
+
+def test_failed_commit_fails_every_waiter_and_writer_recovers(
+    store: RecordStore, commits: list[int]
+) -> None:
+    fault = FailInserts(store)
+
+    async def add_all(first: int, n: int) -> list[BaseException | None]:
+        return await asyncio.gather(
+            *(store.add(make_record(first + i)) for i in range(n)), return_exceptions=True
+        )
+
+    failed = asyncio.run(add_all(0, 20))
+    assert all(isinstance(e, RecordStoreUnavailable) for e in failed), failed
+    assert "disk I/O error" in str(failed[0])
+    assert store.count() == 0 and commits == []
+
+    fault.on = False
+    assert asyncio.run(add_all(100, 20)) == [None] * 20
+    assert store.count() == 20
+
+
+def test_stuck_commit_answers_within_timeout(url: str) -> None:
+    release = threading.Event()
+
+    def hang(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT"):
+            release.wait(5)  # a frozen server: the writer cannot finish this batch
+
+    with RecordStore(url, commit_timeout_s=0.2) as store:
+        event.listen(store.engine, "before_cursor_execute", hang)
+        started = time.monotonic()
+        with pytest.raises(RecordStoreUnavailable, match="not committed within 0.2 s"):
+            asyncio.run(store.add(make_record()))
+        assert time.monotonic() - started < 2
+        release.set()
+    with RecordStore(url) as reopened:
+        assert reopened.count() == 1  # it landed after all: at-least-once, never lost
+
+
+def test_one_bad_record_does_not_sink_its_batch(store: RecordStore) -> None:
+    first = make_record(0)
+    store.add_many_sync([first])
+
+    async def main() -> list[BaseException | None]:
+        duplicate = make_record(1, id=first.id)
+        others = [store.add(make_record(i)) for i in range(2, 12)]
+        return await asyncio.gather(store.add(duplicate), *others, return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[0], RecordStoreUnavailable)
+    assert results[1:] == [None] * 10
+    assert store.count() == 11
+
+
+def test_failing_metrics_callback_does_not_stop_records(url: str) -> None:
+    def broken(_n: int, _s: float) -> None:
+        raise ValueError("metrics bug")
+
+    with RecordStore(url, on_commit=broken) as store:
+        asyncio.run(store.add(make_record()))
+        asyncio.run(store.add(make_record(1)))
+        assert store.count() == 2
+
+
+def test_query_filters_newest_first_with_total(store: RecordStore) -> None:
+    records = [
+        make_record(
+            i,
+            line_id=f"line-{i % 2}",
+            station_id=f"st-{i % 3}",
+            verdict=(Verdict.PASS, Verdict.REVIEW, Verdict.SCRAP)[i % 3],
+        )
+        for i in range(30)
+    ]
+    store.add_many_sync(records)
+
+    page, total = store.query(InspectionQuery(limit=5))
+    assert total == 30
+    assert [r.id for r in page] == [r.id for r in reversed(records[-5:])]
+
+    page, total = store.query(InspectionQuery(limit=5, offset=25))
+    assert total == 30 and [r.id for r in page] == [r.id for r in reversed(records[:5])]
+
+    page, total = store.query(InspectionQuery(line_id="line-1", verdict=Verdict.SCRAP))
+    expected = {r.id for r in records if r.line_id == "line-1" and r.verdict is Verdict.SCRAP}
+    assert total == len(expected) == 5 and {r.id for r in page} == expected
+
+    page, total = store.query(InspectionQuery(station_id="st-2"))
+    assert total == 10 and all(r.station_id == "st-2" for r in page)
+
+    page, total = store.query(InspectionQuery(cell_id="cell-00007"))
+    assert total == 1 and page[0].id == records[7].id
+
+    since, until = T0 + timedelta(seconds=10), T0 + timedelta(seconds=20)
+    page, total = store.query(InspectionQuery(since=since, until=until))
+    assert total == 10 and {r.id for r in page} == {r.id for r in records[10:20]}
+
+    # The same instant written with an offset selects the same rows.
+    cest = timezone(timedelta(hours=2))
+    page, total = store.query(InspectionQuery(since=since.astimezone(cest), limit=1000))
+    assert total == 20
+
+
+def test_created_comes_back_timezone_aware_utc(store: RecordStore) -> None:
+    local = datetime(2024, 5, 1, 10, 30, tzinfo=timezone(timedelta(hours=2)))
+    record = make_record(created=local)
+    store.add_many_sync([record])
+    stored = store.get(record.id)
+    assert stored is not None
+    assert stored.created == local and stored.created.tzinfo == UTC
+    assert store.get("0" * 32) is None
+
+
+def test_sqlite_is_wal_with_full_sync(store: RecordStore) -> None:
+    with store.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+    assert store.integrity_check() == "ok"
+
+
+def test_unsupported_urls_are_refused() -> None:
+    with pytest.raises(ValueError, match="SQLite file"):
+        RecordStore("sqlite://")
+    with pytest.raises(ValueError, match="valid: sqlite, postgresql"):
+        RecordStore("mysql://localhost/x")
+
+
+def test_query_limits_are_validated() -> None:
+    with pytest.raises(ValueError):
+        InspectionQuery(limit=0)
+    with pytest.raises(ValueError):
+        InspectionQuery(limit=1001)
+    with pytest.raises(ValueError):
+        InspectionQuery(offset=-1)

@@ -1,0 +1,125 @@
+"""Every route once against a real `cellinspect serve` process (uvicorn on loopback)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from servicekit import KEYS, png
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(home: Path) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "CELLINSPECT_HOME": str(home),
+        "CELLINSPECT_MODE": "production",
+        "CELLINSPECT_API_KEYS": ",".join(f"{r}:{k}" for r, k in KEYS.items()),
+        "CELLINSPECT_INTRA_OP_THREADS": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cellinspect.cli", "serve", "--model", "tiny", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
+            time.sleep(0.1)
+        else:
+            pytest.fail("server not ready within 30 s")
+        yield url
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        for key in KEYS.values():
+            assert key not in out, "an API key appeared in the server log"
+
+
+def test_every_route_answers_through_uvicorn(server: str) -> None:
+    st, op, ad = ({"X-API-Key": KEYS[r]} for r in ("station", "operator", "admin"))
+    with httpx.Client(base_url=server, timeout=10) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").json()["ready"] is True
+        r = c.post("/v1/inspect", content=png(255), headers={"Content-Type": "image/png", **st})
+        assert r.status_code == 200 and r.json()["verdict"] == "scrap"
+        iid = r.json()["inspection_id"]
+        files = [
+            ("images", ("a.png", png(0), "image/png")),
+            ("images", ("b.png", png(255), "image/png")),
+        ]
+        assert len(c.post("/v1/inspect/batch", files=files, headers=st).json()["results"]) == 2
+        assert c.get("/v1/inspections", headers=op).json()["total"] == 3
+        assert c.get(f"/v1/inspections/{iid}", headers=op).json()["id"] == iid
+        assert c.get(f"/v1/inspections/{iid}/image", headers=op).content == png(255)
+        assert c.get("/v1/models", headers=st).json()[0]["name"] == "tiny"
+        assert (
+            c.post("/v1/models/tiny/reload", json={"version": "2"}, headers=ad).json()["version"]
+            == "2"
+        )
+        assert (
+            c.post("/v1/models/tiny/promote", json={"version": "2"}, headers=ad).status_code == 200
+        )
+        assert c.get("/v2/health/live").json() == {"live": True}
+        assert c.get("/v2/health/ready").json() == {"ready": True}
+        assert c.get("/v2/models/tiny", headers=st).json()["name"] == "tiny"
+        assert c.get("/v2/models/tiny/ready", headers=st).json()["ready"] is True
+        req = {
+            "inputs": [
+                {
+                    "name": "raw",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "data": [base64.b64encode(png(0)).decode()],
+                }
+            ]
+        }
+        assert c.post("/v2/models/tiny/infer", json=req, headers=st).status_code == 200
+        assert "cellinspect_inferences_total" in c.get("/metrics").text
+        assert c.get("/openapi.json").json()["info"]["title"] == "cellinspect"
+        assert (
+            c.post("/v1/inspect", content=png(0), headers={"Content-Type": "image/png"}).status_code
+            == 401
+        )
+
+
+def test_production_mode_refuses_placeholder_keys(home: Path) -> None:
+    env = {
+        **os.environ,
+        "CELLINSPECT_HOME": str(home),
+        "CELLINSPECT_MODE": "production",
+        "CELLINSPECT_API_KEYS": "station:changeme",
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "cellinspect.cli", "serve", "--model", "tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "placeholder" in r.stderr and "changeme" not in r.stderr

@@ -29,7 +29,7 @@ class Origin:
     cell_id: str | None = None
 
 
-def _sniff_extension(data: bytes) -> str:
+def sniff_extension(data: bytes) -> str:
     if data.startswith(b"\x89PNG"):
         return "png"
     if data.startswith(b"\xff\xd8"):
@@ -68,7 +68,7 @@ async def inspect_image(
             verdict=decision.verdict,
             label=decision.label,
             created=created,
-            ext=_sniff_extension(data),
+            ext=sniff_extension(data),
         )
     probabilities = {c: float(p) for c, p in zip(engine.card.class_names, probs, strict=True)}
     timings = {

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from cellinspect.datasets.errors import ImageDecodeError
 from cellinspect.serving.errors import decode_error_status, describe_decode_error
+from cellinspect.serving.frames import FrameResponse, inspect_frame
 from cellinspect.serving.inspection import Origin, inspect_image
 from cellinspect.serving.schemas import (
     ID_PATTERN,
@@ -122,3 +123,33 @@ async def inspect_batch(
         else:
             items.append(BatchItem(index=index, filename=upload.filename, result=outcome))
     return BatchResponse(results=items)
+
+
+@router.post(
+    "/frame",
+    response_model=FrameResponse,
+    openapi_extra=IMAGE_BODY,
+    summary="Inspect a line-scan frame: defect regions in pixels (and mm) and a frame verdict",
+)
+async def inspect_frame_route(
+    request: Request,
+    service: ServiceDep,
+    _: StationRole,
+    line_id: LineId = None,
+    station_id: LineId = None,
+    cell_id: LineId = None,
+    model: ModelRef = None,
+    overlap: Annotated[float, Query(ge=0.0, lt=0.9, description="tile overlap fraction")] = 0.5,
+    pixel_pitch_mm: Annotated[float | None, Query(gt=0, le=100, description="mm per pixel")] = None,
+) -> FrameResponse:
+    started = time.perf_counter()
+    upload = await read_single(request)
+    return await inspect_frame(
+        service,
+        upload.data,
+        model=model,
+        origin=_origin(line_id, station_id, cell_id),
+        overlap=overlap,
+        pixel_pitch_mm=pixel_pitch_mm,
+        started=started,
+    )

@@ -17,7 +17,7 @@ from cellinspect.models.store import ModelStore
 def test_demo_publishes_model_meeting_heldout_macro_f1(tmp_path: Path) -> None:
     env = {**os.environ, "CELLINSPECT_HOME": str(tmp_path), "COLUMNS": "200"}
     result = subprocess.run(
-        [sys.executable, "-m", "cellinspect.cli", "demo"],
+        [sys.executable, "-m", "cellinspect.cli", "demo", "--no-serve"],
         capture_output=True,
         text=True,
         env=env,

@@ -276,3 +276,32 @@ def test_v2_protocol_fp32_bytes_and_binary(client: TestClient) -> None:
     assert (
         client.post("/v2/models/tiny/infer", json=bad, headers=auth("station")).status_code == 400
     )
+
+
+def test_frame_regions_found_where_the_defect_is(client: TestClient) -> None:
+    frame = np.zeros((64, 96), np.uint8)
+    frame[24:32, 40:48] = 255  # one bright 8x8 patch: 'scratch' to the tiny model
+    r = client.post(
+        "/v1/inspect/frame",
+        content=encode_png(frame),
+        headers={"Content-Type": "image/png", **auth("station")},
+        params={"overlap": 0.5, "pixel_pitch_mm": 0.1, "line_id": "L1"},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["verdict"] in ("review", "scrap") and body["tiles"] == 15 * 23
+    (region,) = body["regions"]
+    assert region["x"] <= 40 and region["x"] + region["w"] >= 48
+    assert region["y"] <= 24 and region["y"] + region["h"] >= 32
+    assert region["label"] == "scratch" and abs(region["x_mm"] - region["x"] * 0.1) < 1e-9
+    stored = client.get(f"/v1/inspections/{body['inspection_id']}", headers=auth("operator")).json()
+    assert stored["frame_regions"][0]["label"] == "scratch"
+
+
+def test_clean_frame_passes(client: TestClient) -> None:
+    r = client.post(
+        "/v1/inspect/frame",
+        content=encode_png(np.zeros((32, 48), np.uint8)),
+        headers={"Content-Type": "image/png", **auth("station")},
+    )
+    assert r.status_code == 200 and r.json()["verdict"] == "pass" and r.json()["regions"] == []

@@ -98,8 +98,12 @@ def demo(
     epochs: int = typer.Option(18, min=1, help="Maximum training epochs."),
     img_size: int = typer.Option(128, min=32, help="Model input side."),
     workers: int = typer.Option(2, min=1, help="Generator processes."),
+    serve: bool = typer.Option(
+        True, "--serve/--no-serve", help="Then serve the model and run a simulated camera."
+    ),
+    port: int = typer.Option(8000, min=1, max=65535, help="Service port when serving."),
 ) -> None:
-    """The main job end to end on embedded defaults: synthesize, train, export, publish."""
+    """The main job end to end on embedded defaults: synthesize, train, export, publish, serve."""
     from cellinspect.cli.data import synthesize
     from cellinspect.cli.models import render_card
     from cellinspect.models.store import ModelStore
@@ -142,3 +146,49 @@ def demo(
         f"3/3 published {card.name}@{card.version} → staging ({time.perf_counter() - t0:.0f}s)"
     )
     render_card(card)
+    if serve:
+        serve_with_camera(f"{card.name}@{card.version}", port)
+
+
+def serve_with_camera(ref: str, port: int) -> None:
+    """Start the service on loopback, post simulated camera images, then keep serving."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from cellinspect.cli.serve import camera
+
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cellinspect.cli", "serve", "--model", ref, "--port", str(port)]
+    )
+    try:
+        for _ in range(600):
+            if server.poll() is not None:
+                raise ValueError(
+                    f"the service exited with code {server.returncode} (port {port} busy?)"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=1) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        console.print(f"[bold]service up at {url}[/] ({ref}); a simulated camera posts 20 tiles:")
+        camera(
+            url=url,
+            rate=10.0,
+            count=20,
+            line_id="demo-line",
+            station_id="coater-1",
+            api_key=None,
+            seed=4242,
+            size=128,
+        )
+        console.print(f"service still running at {url} (API docs at {url}/docs); Ctrl-C stops it")
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

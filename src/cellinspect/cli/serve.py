@@ -38,7 +38,7 @@ def serve(
 
     overrides = {"models": model} if model else {}
     try:
-        settings = Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)
     except ValidationError as exc:
         # Only the messages: the input values may hold API keys.
         problems = "; ".join(

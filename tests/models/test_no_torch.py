@@ -48,7 +48,10 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize(
     ("blocked", "modules"),
-    [(["torch", "fastapi"], MODELS), (["torch"], ["cellinspect.serving"])],
+    [
+        (["torch", "fastapi"], MODELS),
+        (["torch"], ["cellinspect.serving", "cellinspect.serving.app", "cellinspect.cli"]),
+    ],
     ids=["models", "serving"],
 )
 def test_package_imports_without_forbidden_dependencies(blocked, modules):

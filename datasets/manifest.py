@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from cellinspect.datasets.atomic import write_atomic
 from cellinspect.datasets.errors import DataError
 from cellinspect.datasets.samples import Sample, Split
 
@@ -259,16 +259,7 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
         for s in manifest.samples
     ]
     text = manifest.model_copy(update={"samples": samples}).model_dump_json(indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=base, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text)
     return path
 
 

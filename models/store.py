@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
+from cellinspect.datasets.atomic import fsync_dir, write_atomic
 from cellinspect.models.card import ModelCard
 
 logger = logging.getLogger(__name__)
@@ -157,28 +158,6 @@ def _current_user() -> str:
         return os.environ.get("CELLINSPECT_USER") or getpass.getuser()
     except (OSError, KeyError):
         return "unknown"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a sibling temp file, fsync it and rename it over `path`."""
-    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
 
 
 class ModelStore:
@@ -348,9 +327,9 @@ class ModelStore:
                     f.write(final.to_json())
                     f.flush()
                     os.fsync(f.fileno())
-                _fsync_dir(tmp_dir)
+                fsync_dir(tmp_dir)
                 os.rename(tmp_dir, final_dir)
-                _fsync_dir(model_dir)
+                fsync_dir(model_dir)
         except BaseException:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
@@ -402,7 +381,7 @@ class ModelStore:
             if previous == target and action is not AliasAction.ROLLBACK:
                 return move  # nothing moves, so nothing to log or to roll back to later
             aliases[alias] = target
-            _write_atomic(model_dir / ALIASES_FILE, json.dumps(aliases, indent=2, sort_keys=True))
+            write_atomic(model_dir / ALIASES_FILE, json.dumps(aliases, indent=2, sort_keys=True))
             with (model_dir / ALIASES_LOG).open("a", encoding="utf-8") as f:
                 f.write(move.to_json() + "\n")
                 f.flush()

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
 import random
 import re
 import shutil
-import tempfile
 import threading
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
+from cellinspect.datasets.atomic import write_atomic
 from cellinspect.models.card import Verdict
 
 logger = logging.getLogger(__name__)
@@ -257,7 +256,7 @@ class ImageArchive:
             self._reserved += size  # held while writing outside the lock
             self._in_flight[sha] = rel
         try:
-            _write_atomic(self.root / rel, data)
+            write_atomic(self.root / rel, data, temp_suffix=_TEMP_SUFFIX)
         except BaseException:
             with self._lock:
                 self._reserved -= size
@@ -310,23 +309,3 @@ def _utc_day(created: datetime) -> str:
     if created.tzinfo is None:  # naive means UTC, as in the records
         created = created.replace(tzinfo=UTC)
     return created.astimezone(UTC).strftime(_DAY_FORMAT)
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    """Temp file beside the target, fsync, rename, fsync the folder: all or nothing on disk."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=_TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    folder = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a crash
-    finally:
-        os.close(folder)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from cellinspect.datasets.atomic import write_atomic
 from cellinspect.datasets.samples import Sample
 from cellinspect.datasets.synth.cell import CELL_CLASSES, generate_cell
 from cellinspect.datasets.synth.electrode import ELECTRODE_CLASSES, generate_electrode
@@ -47,13 +47,6 @@ def image_seed(seed: int, class_index: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, class_index, index]))
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write aside in the same folder, then rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _png(image: np.ndarray) -> bytes:
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -71,19 +64,19 @@ def _write_one(job: tuple[str, str, int, int, int, str, int]) -> dict[str, Any]:
     if kind == SynthKind.FRAME:
         image, _, truth = frame_from_rng(rng, size, 4 * size, FRAME_DEFECTS)
         stem = f"frames/frame_{seed}_{index}"
-        _atomic_write(out / f"{stem}.png", _png(image))
+        write_atomic(out / f"{stem}.png", _png(image), durable=False)
         doc = {"width": size, "height": 4 * size, "seed": seed, "index": index, "truth": truth}
-        _atomic_write(out / f"{stem}.json", json.dumps(doc, indent=1).encode())
+        write_atomic(out / f"{stem}.json", json.dumps(doc, indent=1).encode(), durable=False)
         return {"path": f"{stem}.png", "label": "frame", "metadata": {"truth": f"{stem}.json"}}
     if kind == SynthKind.ELECTRODE:
         image, mask = generate_electrode(label, rng, size)
     else:
         image, mask = generate_cell(label, rng, size, 2 * size)
     name = f"{label}_{seed}_{index:05d}.png"
-    _atomic_write(out / "images" / label / name, _png(image))
+    write_atomic(out / "images" / label / name, _png(image), durable=False)
     fields: dict[str, Any] = {"path": f"images/{label}/{name}", "label": label, "metadata": {}}
     if label != "ok":
-        _atomic_write(out / "masks" / label / name, _png(mask))
+        write_atomic(out / "masks" / label / name, _png(mask), durable=False)
         fields["metadata"] = {"mask": f"masks/{label}/{name}"}
     return fields
 
@@ -151,6 +144,6 @@ def write_synthetic(
         "classes": list(classes),
         "generator_version": GENERATOR_VERSION,
     }
-    _atomic_write(out / "synth.json", json.dumps(manifest, indent=2).encode())
+    write_atomic(out / "synth.json", json.dumps(manifest, indent=2).encode(), durable=False)
     logger.info("wrote %d synthetic %s images to %s", len(results), kind.value, out)
     return [Sample(**fields) for fields in results]

@@ -193,10 +193,10 @@ def test_write_error_returns_none_and_releases_quota(
 ) -> None:
     archive = make_archive(tmp_path, quota=1000)
 
-    def disk_full(target: Path, data: bytes) -> None:
+    def disk_full(target: Path, data: bytes, **_: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(archive_module, "_write_atomic", disk_full)
+    monkeypatch.setattr(archive_module, "write_atomic", disk_full)
     with caplog.at_level(logging.ERROR, logger=archive_module.__name__):
         assert save(archive, 1, Verdict.SCRAP) is None
     assert "No space left" in caplog.text

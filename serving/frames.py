@@ -4,7 +4,6 @@ micro-batcher, merge defective tiles into regions, decide the frame, record it."
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import uuid
 from datetime import UTC, datetime
@@ -23,7 +22,7 @@ from cellinspect.datasets.tiling import (
 )
 from cellinspect.models.card import Verdict
 from cellinspect.serving.errors import RequestError
-from cellinspect.serving.inspection import Origin, sniff_extension
+from cellinspect.serving.inspection import Origin, archive_if_needed
 from cellinspect.serving.records import InspectionRecord
 from cellinspect.serving.schemas import ModelInfo
 from cellinspect.serving.service import Service
@@ -100,19 +99,11 @@ async def inspect_frame(
     )
     answer = [_region(r, point.verdict(r.confidence), pixel_pitch_mm) for r in regions]
     verdict = max((r.verdict for r in answer), key=SEVERITY.__getitem__, default=Verdict.PASS)
-    sha256 = hashlib.sha256(data).hexdigest()
     created = datetime.now(UTC)
-    archived = None
-    if service.archive.should_archive(verdict):
-        archived = await asyncio.to_thread(
-            service.archive.save,
-            data,
-            sha256=sha256,
-            verdict=verdict,
-            label=answer[0].label if answer else card.good_class,
-            created=created,
-            ext=sniff_extension(data),
-        )
+    label = answer[0].label if answer else card.good_class
+    sha256, archived = await archive_if_needed(
+        service, data, verdict=verdict, label=label, created=created
+    )
     worst = max(answer, key=lambda r: r.confidence, default=None)
     inspection_id = uuid.uuid4().hex
     timings = {

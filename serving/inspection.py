@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from cellinspect.models.card import Verdict
 from cellinspect.serving.policy import decide
 from cellinspect.serving.records import InspectionRecord
 from cellinspect.serving.schemas import InspectResponse, ModelInfo, Timings
@@ -41,6 +42,25 @@ def sniff_extension(data: bytes) -> str:
     return "bin"
 
 
+async def archive_if_needed(
+    service: Service, data: bytes, *, verdict: Verdict, label: str, created: datetime
+) -> tuple[str, str | None]:
+    """The image's sha256, and its archive path when the verdict (or the pass sample) keeps it."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    if not service.archive.should_archive(verdict):
+        return sha256, None
+    archived = await asyncio.to_thread(
+        service.archive.save,
+        data,
+        sha256=sha256,
+        verdict=verdict,
+        label=label,
+        created=created,
+        ext=sniff_extension(data),
+    )
+    return sha256, archived
+
+
 async def inspect_image(
     service: Service, data: bytes, *, model: str | None, origin: Origin, started: float
 ) -> InspectResponse:
@@ -57,19 +77,10 @@ async def inspect_image(
     decision = decide(
         probs, engine.card, line_id=origin.line_id, line_points=settings.line_operating_points
     )
-    sha256 = hashlib.sha256(data).hexdigest()
     created = datetime.now(UTC)
-    archived = None
-    if service.archive.should_archive(decision.verdict):
-        archived = await asyncio.to_thread(
-            service.archive.save,
-            data,
-            sha256=sha256,
-            verdict=decision.verdict,
-            label=decision.label,
-            created=created,
-            ext=sniff_extension(data),
-        )
+    sha256, archived = await archive_if_needed(
+        service, data, verdict=decision.verdict, label=decision.label, created=created
+    )
     probabilities = {c: float(p) for c, p in zip(engine.card.class_names, probs, strict=True)}
     timings = {
         "decode_ms": decoded.decode_ms,

@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from cellinspect.datasets.errors import ImageDecodeError
 from cellinspect.serving.errors import decode_error_status, describe_decode_error
@@ -52,8 +52,14 @@ ModelRef = Annotated[
 ]
 
 
-def _origin(line_id: str | None, station_id: str | None, cell_id: str | None) -> Origin:
+def origin_query(
+    line_id: LineId = None, station_id: LineId = None, cell_id: LineId = None
+) -> Origin:
+    """Where on the line the image comes from: the same three query parameters on every route."""
     return Origin(line_id=line_id, station_id=station_id, cell_id=cell_id)
+
+
+OriginDep = Annotated[Origin, Depends(origin_query)]
 
 
 @router.post(
@@ -64,9 +70,7 @@ async def inspect(
     response: Response,
     service: ServiceDep,
     _: StationRole,
-    line_id: LineId = None,
-    station_id: LineId = None,
-    cell_id: LineId = None,
+    origin: OriginDep,
     model: ModelRef = None,
 ) -> InspectResponse:
     started = time.perf_counter()
@@ -75,7 +79,7 @@ async def inspect(
         service,
         upload.data,
         model=model,
-        origin=_origin(line_id, station_id, cell_id),
+        origin=origin,
         started=started,
     )
     response.headers["X-Processing-Time"] = f"{result.timings.total_ms:.2f}ms"
@@ -92,14 +96,11 @@ async def inspect_batch(
     request: Request,
     service: ServiceDep,
     _: StationRole,
-    line_id: LineId = None,
-    station_id: LineId = None,
-    cell_id: LineId = None,
+    origin: OriginDep,
     model: ModelRef = None,
 ) -> BatchResponse:
     started = time.perf_counter()
     uploads = await read_uploads(request, max_files=service.settings.max_batch_images)
-    origin = _origin(line_id, station_id, cell_id)
     outcomes = await asyncio.gather(
         *(
             inspect_image(service, u.data, model=model, origin=origin, started=started)
@@ -135,9 +136,7 @@ async def inspect_frame_route(
     request: Request,
     service: ServiceDep,
     _: StationRole,
-    line_id: LineId = None,
-    station_id: LineId = None,
-    cell_id: LineId = None,
+    origin: OriginDep,
     model: ModelRef = None,
     overlap: Annotated[float, Query(ge=0.0, lt=0.9, description="tile overlap fraction")] = 0.5,
     pixel_pitch_mm: Annotated[float | None, Query(gt=0, le=100, description="mm per pixel")] = None,
@@ -148,7 +147,7 @@ async def inspect_frame_route(
         service,
         upload.data,
         model=model,
-        origin=_origin(line_id, station_id, cell_id),
+        origin=origin,
         overlap=overlap,
         pixel_pitch_mm=pixel_pitch_mm,
         started=started,

@@ -23,6 +23,7 @@ from cellinspect.datasets.tiling import (
 from cellinspect.models.card import Verdict
 from cellinspect.serving.errors import RequestError
 from cellinspect.serving.inspection import Origin, archive_if_needed
+from cellinspect.serving.policy import operating_point_for
 from cellinspect.serving.records import InspectionRecord
 from cellinspect.serving.schemas import ModelInfo
 from cellinspect.serving.service import Service
@@ -91,9 +92,7 @@ async def inspect_frame(
             rows.extend(p for p, _ in results)
             infer_ms += max(t.infer_ms for _, t in results)
     probs = np.stack(rows)
-    point = card.operating_point
-    if origin.line_id and origin.line_id in settings.line_operating_points:
-        point = settings.line_operating_points[origin.line_id]
+    point, _ = operating_point_for(card, origin.line_id, settings.line_operating_points)
     regions = merge_regions(
         tiles, probs, card.class_names, card.good_class, threshold=point.review_low
     )

@@ -20,14 +20,6 @@ class AugmentPreset(StrEnum):
     ISOTROPIC = "isotropic"  # no preferred direction (EL images of solar cells): flips + 90°
 
 
-def parse_preset(name: str) -> AugmentPreset:
-    try:
-        return AugmentPreset(name)
-    except ValueError:
-        valid = ", ".join(p.value for p in AugmentPreset)
-        raise ValueError(f"unknown augmentation preset {name!r}; choose one of: {valid}") from None
-
-
 def _photometric() -> list[A.BasicTransform]:
     # Lighting drifts and focus/noise changes between stations, not new defect shapes.
     return [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,6 +12,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+COPY_IGNORE = (
+    ".venv",
+    ".git",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    "cellinspect-home",
+    ".*_cache",
+)
 PACKAGES = ("datasets", "models", "training", "serving")
 
 PROBE = """
@@ -47,6 +58,10 @@ def test_editable_install_maps_folders_under_cellinspect(tmp_path) -> None:
 @pytest.mark.timeout(300)
 def test_built_wheel_installs_and_imports(tmp_path) -> None:
     dist = tmp_path / "dist"
+    # Build from a copy: setuptools keeps a build/ folder in the source tree, and stale files
+    # there (from modules since deleted) would end up in the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*COPY_IGNORE))
     subprocess.run(
         [
             sys.executable,
@@ -56,7 +71,7 @@ def test_built_wheel_installs_and_imports(tmp_path) -> None:
             "--no-isolation",
             "--outdir",
             str(dist),
-            str(ROOT),
+            str(source),
         ],
         check=True,
         capture_output=True,

@@ -79,8 +79,14 @@ def create_session(
     providers: Sequence[str] = (Provider.CPU.value,),
     intra_op_threads: int | None = None,
     inter_op_threads: int = 1,
+    spin: bool = True,
 ) -> onnxruntime.InferenceSession:
-    """An InferenceSession for `onnx_path` on the best available of `providers`."""
+    """An InferenceSession for `onnx_path` on the best available of `providers`.
+
+    `spin=False` stops ORT's idle worker threads from busy-waiting between runs: right for a
+    service whose decoding and event loop share the cores (measured in benchmarks/RESULTS.md),
+    wrong for a tight offline loop, where spinning is faster.
+    """
     import onnxruntime
 
     onnx_path = Path(onnx_path)
@@ -97,6 +103,7 @@ def create_session(
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra
     options.inter_op_num_threads = inter_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
         session = onnxruntime.InferenceSession(
             str(onnx_path), sess_options=options, providers=chosen

@@ -154,6 +154,7 @@ class ModelRegistry:
             onnx_path,
             providers=self.settings.providers,
             intra_op_threads=self.settings.intra_op_threads or self.settings.cores,
+            spin=self.settings.ort_spin,
         )
         # LoadedModel checks input/output names and shapes against the card.
         loaded = LoadedModel(card, session, source=f"{card.name}@{card.version} ({onnx_path})")

@@ -206,7 +206,7 @@ class RecordStore:
         url: str,
         *,
         max_group: int = 256,
-        commit_wait_ms: float = 1.0,
+        commit_wait_ms: float = 0.0,
         on_commit: Callable[[int, float], None] | None = None,
         commit_timeout_s: float = 10.0,
     ) -> None:

@@ -29,7 +29,8 @@ class Service:
     metrics: ServiceMetrics
 
 
-def get_service(request: Request) -> Service:
+# async: FastAPI runs plain `def` dependencies in a thread pool, a hop per request for nothing.
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["CPUExecutionProvider"]
     )
     intra_op_threads: int | None = Field(None, ge=1)  # None: the cores this process owns
+    # ORT workers busy-wait between runs when on; off measured faster in the service on a
+    # 2-core box, where they would steal the cores decoding and the event loop need.
+    ort_spin: bool = False
     # Micro-batching: a batch closes at max_batch_size or max_delay_ms after its first image.
     max_batch_size: int = Field(8, ge=1, le=256)
     max_delay_ms: float = Field(2.0, ge=0, le=1000)

@@ -52,7 +52,7 @@ ModelRef = Annotated[
 ]
 
 
-def origin_query(
+async def origin_query(
     line_id: LineId = None, station_id: LineId = None, cell_id: LineId = None
 ) -> Origin:
     """Where on the line the image comes from: the same three query parameters on every route."""

@@ -265,9 +265,8 @@ def from_csv(path: str | Path, *, skip_bad: bool = False) -> list[Sample]:
     return _csv(Path(path), BadFiles(skip_bad=skip_bad))
 
 
-# One entry per layout. The ELPV adapter (`cellinspect data elpv` materialises the pip
-# package to disk with probability and cell type per image) joins here as DataFormat.ELPV,
-# putting both into `Sample.metadata` so `stratified_split(stratify_by=...)` can use them.
+# One entry per layout. ELPV needs none of its own: `cellinspect data elpv` (datasets/elpv.py)
+# writes a manifest, with probability and cell type in each sample's metadata.
 _ADAPTERS: dict[DataFormat, Callable[[Path, BadFiles], list[Sample]]] = {
     DataFormat.IMAGEFOLDER: _imagefolder,
     DataFormat.MVTEC: _mvtec,

@@ -25,7 +25,7 @@ from cellinspect.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-GOOD_CLASS_NAMES = ("ok", "good", "pass", "normal")
+GOOD_CLASS_NAMES = ("ok", "good", "pass", "normal", "functional")  # functional: ELPV binary
 
 
 @dataclass

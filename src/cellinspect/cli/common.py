@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from cellinspect.datasets.errors import DataError
 from cellinspect.home import Home
@@ -38,7 +39,10 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (*USER_ERRORS, *_extra_user_errors()) as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # Escaped: messages quote paths and hints like cellinspect[data] that rich reads as markup.
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
 
 

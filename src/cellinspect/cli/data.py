@@ -1,4 +1,4 @@
-"""`cellinspect data ...`: synthetic data sets and manifests."""
+"""`cellinspect data ...`: synthetic data sets, the public ELPV set and manifests."""
 
 from __future__ import annotations
 
@@ -6,13 +6,21 @@ import time
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
 from cellinspect.cli.common import console, home
 from cellinspect.datasets.adapters import DataFormat, load_samples
+from cellinspect.datasets.elpv import (
+    ElpvTask,
+    materialise_elpv,
+    split_breakdown,
+)
 from cellinspect.datasets.manifest import Manifest, build_manifest, write_manifest
 from cellinspect.datasets.synth import SynthKind, write_synthetic
 
-app = typer.Typer(help="Generate synthetic data sets and build manifests.", no_args_is_help=True)
+app = typer.Typer(
+    help="Generate synthetic data sets, materialise ELPV and build manifests.", no_args_is_help=True
+)
 
 
 def synthesize(
@@ -56,6 +64,40 @@ def synth(
         f"wrote {len(manifest.samples)} images ({len(manifest.classes)} classes) to {out} "
         f"in {seconds:.1f}s; manifest {manifest.hash[:12]} at {out / 'manifest.json'}"
     )
+
+
+@app.command("elpv")
+def elpv(
+    out: Path | None = typer.Option(
+        None, help="Output folder [default: HOME/datasets/elpv-<task>]"
+    ),
+    task: ElpvTask = typer.Option(
+        ElpvTask.BINARY,
+        help="binary: functional/defective (defective = probability > 0.5); "
+        "four-level: one class per expert probability (p0, p33, p67, p100).",
+    ),
+    seed: int = typer.Option(0, min=0, help="Seed of the split: the same seed, the same split."),
+) -> None:
+    """Materialise the ELPV solar cells (pip package elpv-dataset) with the paper's split.
+
+    75% train / 25% test, stratified by (probability, cell type); validation is 15% of all,
+    taken from the training share. The test quarter is the same for both tasks.
+    """
+    out = out or home().datasets / f"elpv-{task.value}"
+    start = time.perf_counter()
+    built = materialise_elpv(out, task, seed=seed)
+    seconds = time.perf_counter() - start
+    console.print(
+        f"wrote {len(built.samples)} ELPV images ({task.value}, good class "
+        f"'{task.good_class}') to {out} in {seconds:.1f}s; manifest {built.hash[:12]} at "
+        f"{out / 'manifest.json'}"
+    )
+    rows = split_breakdown(built, task.classes)
+    table = Table("split", *next(iter(rows.values())).keys())
+    for split_name, counts in rows.items():
+        table.add_row(split_name, *(str(n) for n in counts.values()))
+    console.print(table)
+    console.print("ELPV images are CC BY-NC-SA 4.0: non-commercial use, do not commit them.")
 
 
 @app.command("manifest")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -309,13 +310,17 @@ class DecodedImage:
     image: np.ndarray
     tensor: np.ndarray
     decode_ms: float  # decode + preprocess, in the worker (queueing excluded)
+    sha256: str  # of the encoded bytes, for the record and the archive
 
 
 def _decode_and_preprocess(data: bytes, spec: PreprocessSpec, max_pixels: int) -> DecodedImage:
     t0 = time.perf_counter()
     image = decode_image(data, max_pixels=max_pixels)
     tensor = preprocess(image, spec)
-    return DecodedImage(image, tensor, 1000 * (time.perf_counter() - t0))
+    decode_ms = 1000 * (time.perf_counter() - t0)
+    # Hashed here, not on the event loop: hashlib drops the GIL, and getting it back on a
+    # busy loop costs far more than the hash itself.
+    return DecodedImage(image, tensor, decode_ms, hashlib.sha256(data).hexdigest())
 
 
 class DecodePool:

@@ -4,6 +4,7 @@ micro-batcher, merge defective tiles into regions, decide the frame, record it."
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from datetime import UTC, datetime
@@ -57,6 +58,10 @@ class FrameResponse(BaseModel):
     timings: dict[str, float]
 
 
+def _decode_frame(data: bytes, max_pixels: int) -> tuple[np.ndarray, str]:
+    return decode_image(data, max_pixels=max_pixels), hashlib.sha256(data).hexdigest()
+
+
 async def inspect_frame(
     service: Service,
     data: bytes,
@@ -69,7 +74,7 @@ async def inspect_frame(
 ) -> FrameResponse:
     settings = service.settings
     loop = asyncio.get_running_loop()
-    frame = await asyncio.to_thread(decode_image, data, max_pixels=settings.max_frame_pixels)
+    frame, sha256 = await asyncio.to_thread(_decode_frame, data, settings.max_frame_pixels)
     decode_ms = (time.perf_counter() - started) * 1000.0
     height, width = frame.shape[:2]
     with service.registry.lease(model) as engine:
@@ -100,8 +105,8 @@ async def inspect_frame(
     verdict = max((r.verdict for r in answer), key=SEVERITY.__getitem__, default=Verdict.PASS)
     created = datetime.now(UTC)
     label = answer[0].label if answer else card.good_class
-    sha256, archived = await archive_if_needed(
-        service, data, verdict=verdict, label=label, created=created
+    archived = await archive_if_needed(
+        service, data, sha256=sha256, verdict=verdict, label=label, created=created
     )
     worst = max(answer, key=lambda r: r.confidence, default=None)
     inspection_id = uuid.uuid4().hex

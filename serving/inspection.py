@@ -6,7 +6,6 @@ Shared by the single, batch and Open Inference Protocol routes, so every path re
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,13 +42,12 @@ def sniff_extension(data: bytes) -> str:
 
 
 async def archive_if_needed(
-    service: Service, data: bytes, *, verdict: Verdict, label: str, created: datetime
-) -> tuple[str, str | None]:
-    """The image's sha256, and its archive path when the verdict (or the pass sample) keeps it."""
-    sha256 = hashlib.sha256(data).hexdigest()
+    service: Service, data: bytes, *, sha256: str, verdict: Verdict, label: str, created: datetime
+) -> str | None:
+    """The image's archive path when the verdict (or the pass sample) keeps it, else None."""
     if not service.archive.should_archive(verdict):
-        return sha256, None
-    archived = await asyncio.to_thread(
+        return None
+    return await asyncio.to_thread(
         service.archive.save,
         data,
         sha256=sha256,
@@ -58,7 +56,6 @@ async def archive_if_needed(
         created=created,
         ext=sniff_extension(data),
     )
-    return sha256, archived
 
 
 async def inspect_image(
@@ -78,8 +75,13 @@ async def inspect_image(
         probs, engine.card, line_id=origin.line_id, line_points=settings.line_operating_points
     )
     created = datetime.now(UTC)
-    sha256, archived = await archive_if_needed(
-        service, data, verdict=decision.verdict, label=decision.label, created=created
+    archived = await archive_if_needed(
+        service,
+        data,
+        sha256=decoded.sha256,
+        verdict=decision.verdict,
+        label=decision.label,
+        created=created,
     )
     probabilities = {c: float(p) for c, p in zip(engine.card.class_names, probs, strict=True)}
     timings = {
@@ -89,7 +91,8 @@ async def inspect_image(
     }
     inspection_id = uuid.uuid4().hex
     timings["total_ms"] = (time.perf_counter() - started) * 1000.0
-    record = InspectionRecord(
+    # Built from validated parts (query parameters, the card): no second validation pass.
+    record = InspectionRecord.model_construct(
         id=inspection_id,
         created=created,
         line_id=origin.line_id,
@@ -102,7 +105,7 @@ async def inspect_image(
         probabilities=probabilities,
         verdict=decision.verdict,
         timings=timings,
-        image_sha256=sha256,
+        image_sha256=decoded.sha256,
         archive_path=archived,
     )
     await service.records.add(record)  # durable before the answer leaves

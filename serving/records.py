@@ -179,14 +179,15 @@ class _Pending:
 _STOP = object()  # sentinel: the writer drains everything queued before it, then exits
 
 
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    # Runs on the request's loop; the request may have been cancelled meanwhile.
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    # Runs on the requests' loop; a request may have been cancelled meanwhile.
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 def _unavailable(exc: BaseException) -> RecordStoreUnavailable:
@@ -279,8 +280,6 @@ class RecordStore:
         """Return once `record` is durably committed; RecordStoreUnavailable if it cannot be."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        # Mark the outcome retrieved: after a timeout nobody awaits it, and asyncio would warn.
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         if self._writer is None:
             self.start_sync()
         with self._lock:
@@ -290,7 +289,9 @@ class RecordStore:
         try:
             # Last line of defence against a writer stuck on a frozen server: the request
             # gets an answer. The record may still land later (at-least-once on retry).
-            await asyncio.wait_for(asyncio.shield(future), self.commit_timeout_s)
+            # A timeout (or a cancelled request) cancels `future`; the writer skips it then.
+            async with asyncio.timeout(self.commit_timeout_s):
+                await future
         except TimeoutError:
             raise RecordStoreUnavailable(
                 f"inspection record not committed within {self.commit_timeout_s:g} s"
@@ -372,10 +373,15 @@ class RecordStore:
 
     @staticmethod
     def _release(batch: list[_Pending], error: RecordStoreUnavailable | None) -> None:
+        # One wake-up per event loop, not per record: each call_soon_threadsafe is a
+        # self-pipe write and a GIL hand-over, which adds up at hundreds of records/s.
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for pending in batch:
+            by_loop.setdefault(pending.loop, []).append(pending.future)
+        for loop, futures in by_loop.items():
             # RuntimeError: the request's loop is gone (shutdown); nobody is waiting.
             with suppress(RuntimeError):
-                pending.loop.call_soon_threadsafe(_settle, pending.future, error)
+                loop.call_soon_threadsafe(_settle, futures, error)
 
     # -- reads -----------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,7 +29,9 @@ def _build_service(settings: Settings) -> Service:
     metrics = ServiceMetrics()
     store = ModelStore(settings.store_path)
     records = RecordStore(
-        settings.database, on_commit=lambda n, _s: metrics.record_group.observe(n)
+        settings.database,
+        on_commit=lambda n, _s: metrics.record_group.observe(n),
+        startup_wait_s=settings.records_startup_wait_s,
     )
     return Service(
         settings=settings,
@@ -45,6 +48,16 @@ def _build_service(settings: Settings) -> Service:
         auth=ApiKeyAuth(settings),
         metrics=metrics,
     )
+
+
+async def _enforce_retention(archive: ImageArchive, every_s: float) -> None:
+    """Apply the archive's retention now and then every `every_s`, for the service's life."""
+    while True:
+        try:
+            await asyncio.to_thread(archive.enforce_retention)
+        except OSError as exc:  # a full or failing disk must not end the schedule
+            log.error("archive: retention failed: %s", exc)
+        await asyncio.sleep(every_s)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -65,9 +78,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             }
         )
         log.info("serving %s", ", ".join(f"{e.name}@{e.version}" for e in service.registry.list()))
+        retention = asyncio.get_running_loop().create_task(
+            _enforce_retention(service.archive, settings.archive_retention_check_s),
+            name="archive-retention",
+        )
         try:
             yield
         finally:
+            retention.cancel()
             await service.registry.close()
             await service.records.close()
             service.decoder.close()

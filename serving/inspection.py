@@ -104,7 +104,7 @@ async def inspect_image(
         confidence=decision.confidence,
         probabilities=probabilities,
         verdict=decision.verdict,
-        timings=timings,
+        timings=Timings(**timings),
         image_sha256=decoded.sha256,
         archive_path=archived,
     )

@@ -43,6 +43,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from cellinspect.models.card import Verdict
+from cellinspect.serving.schemas import Timings
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ CONNECT_TIMEOUT_S = 5  # a down database fails a batch in seconds, never hangs i
 STATEMENT_TIMEOUT_MS = 30_000  # PostgreSQL: a stuck server cannot hold the writer forever
 TCP_USER_TIMEOUT_MS = 10_000  # PostgreSQL: unacknowledged data means the link is dead
 SQLITE_BUSY_TIMEOUT_MS = 5_000  # another process (a CLI tool) holding the write lock
+STARTUP_RETRY_S = 1.0  # between attempts to reach the database at start-up
 
 
 class RecordStoreUnavailable(RuntimeError):
@@ -113,15 +115,6 @@ class InspectionRow(Base):
     shadow_model_version: Mapped[str | None] = mapped_column(String(64))
     shadow_label: Mapped[str | None] = mapped_column(String(128))
     shadow_verdict: Mapped[str | None] = mapped_column(String(8))
-
-
-class Timings(BaseModel):
-    """Where one request's time went, in milliseconds."""
-
-    decode_ms: float = 0.0
-    queue_ms: float = 0.0
-    infer_ms: float = 0.0
-    total_ms: float = 0.0
 
 
 class InspectionRecord(BaseModel):
@@ -210,9 +203,12 @@ class RecordStore:
         commit_wait_ms: float = 0.0,
         on_commit: Callable[[int, float], None] | None = None,
         commit_timeout_s: float = 10.0,
+        startup_wait_s: float = 0.0,
     ) -> None:
-        if max_group < 1 or commit_timeout_s <= 0:
-            raise ValueError("max_group must be at least 1 and commit_timeout_s positive")
+        if max_group < 1 or commit_timeout_s <= 0 or startup_wait_s < 0:
+            raise ValueError(
+                "max_group must be at least 1, commit_timeout_s positive, startup_wait_s >= 0"
+            )
         self.max_group = max_group
         self.commit_timeout_s = commit_timeout_s
         self.commit_wait_s = max(commit_wait_ms, 0.0) / 1000
@@ -223,11 +219,23 @@ class RecordStore:
         self._lock = threading.Lock()  # orders "closed" against enqueueing
         self._closed = False
         self._writer: threading.Thread | None = None
-        try:
-            Base.metadata.create_all(self.engine)
-        except SQLAlchemyError as exc:
-            self.engine.dispose()
-            raise _unavailable(exc) from exc
+        self._create_schema(startup_wait_s)
+
+    def _create_schema(self, wait_s: float) -> None:
+        # A database that starts alongside the service (compose, a rebooted line PC) gets
+        # `wait_s` to come up; after that the service refuses to start, saying why.
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except SQLAlchemyError as exc:
+                error = _unavailable(exc)
+                if time.monotonic() + STARTUP_RETRY_S > deadline:
+                    self.engine.dispose()
+                    raise error from exc
+                logger.warning("records: %s; retrying for up to %.0f s", error, wait_s)
+                time.sleep(STARTUP_RETRY_S)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -382,6 +390,16 @@ class RecordStore:
             # RuntimeError: the request's loop is gone (shutdown); nobody is waiting.
             with suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, futures, error)
+
+    def ping(self) -> bool:
+        """True when the database answers a trivial query now (for readiness probes)."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            logger.warning("records: readiness ping failed: %s", _unavailable(exc))
+            return False
+        return True
 
     # -- reads -----------------------------------------------------------------------------
 

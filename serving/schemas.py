@@ -22,10 +22,14 @@ class ModelInfo(BaseModel):
 
 
 class Timings(BaseModel):
-    decode_ms: float = Field(description="decode + preprocess, in the worker pool")
-    queue_ms: float = Field(description="waiting for a micro-batch to run")
-    infer_ms: float = Field(description="ONNX Runtime time of the batch this image ran in")
-    total_ms: float = Field(description="request arrival to answer, recording included")
+    """Where one request's time went, in milliseconds (answers and stored records alike)."""
+
+    decode_ms: float = Field(0.0, description="decode + preprocess, in the worker pool")
+    queue_ms: float = Field(0.0, description="waiting for a micro-batch to run")
+    infer_ms: float = Field(0.0, description="ONNX Runtime time of the batch this image ran in")
+    total_ms: float = Field(
+        0.0, description="request arrival to answer (in a record: to the start of recording)"
+    )
 
 
 class InspectResponse(BaseModel):

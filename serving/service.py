@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -35,6 +36,20 @@ async def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+PING_TIMEOUT_S = 2.0  # a readiness probe must answer within the probe's own timeout
+
+
+async def records_reachable(service: Service) -> bool:
+    """Whether the records database answers now: a service that cannot record is not ready.
+
+    Probed, not remembered from the last commit: a flag set by a failed commit would keep
+    an idle instance out of the load balancer forever after the database came back.
+    """
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(service.records.ping), PING_TIMEOUT_S)
+    except TimeoutError:
+        return False
 
 
 def require(needed: Role) -> Callable[..., Coroutine[Any, Any, Role]]:

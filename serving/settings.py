@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     archive_pass_sample_rate: float = Field(0.01, ge=0, le=1)
     archive_quota_bytes: int = Field(5 * 1024**3, ge=0)
     archive_retention_days: float = Field(30, gt=0)
+    archive_retention_check_s: float = Field(3600, gt=0)  # retention runs at start and this often
+    records_startup_wait_s: float = Field(30, ge=0)  # how long start-up waits for the database
     # Security: "station:KEY1,operator:KEY2,admin:KEY3" and/or a file of such lines.
     api_keys: SecretStr | None = None  # secret: never shown in repr, logs or errors
     api_keys_file: Path | None = None

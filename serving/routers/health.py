@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from cellinspect.serving.service import ServiceDep, open_or
+from cellinspect.serving.service import ServiceDep, open_or, records_reachable
 from cellinspect.serving.settings import Role
 
 router = APIRouter(tags=["health"])
@@ -21,11 +21,15 @@ async def healthz(_: HealthAccess) -> dict[str, str]:
     return {"status": "live"}
 
 
-@router.get("/readyz", summary="Readiness: every configured model loaded and warmed")
+@router.get(
+    "/readyz", summary="Readiness: every model loaded and warmed, the records database answering"
+)
 async def readyz(service: ServiceDep, _: HealthAccess) -> JSONResponse:
-    ready = service.registry.ready
     models = {e.name: e.version for e in service.registry.list()}
-    return JSONResponse({"ready": ready, "models": models}, status_code=200 if ready else 503)
+    records = await records_reachable(service)
+    ready = service.registry.ready and records
+    body = {"ready": ready, "models": models, "records": "ok" if records else "unavailable"}
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics")

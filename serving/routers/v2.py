@@ -14,7 +14,7 @@ from cellinspect.models.card import PROBABILITIES_NAME
 from cellinspect.serving.errors import RequestError
 from cellinspect.serving.inspection import Origin, inspect_image
 from cellinspect.serving.oip import HEADER_LENGTH, encode_infer_response, parse_infer_request
-from cellinspect.serving.service import ServiceDep, StationRole, open_or
+from cellinspect.serving.service import ServiceDep, StationRole, open_or, records_reachable
 from cellinspect.serving.settings import Role
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
@@ -30,7 +30,7 @@ async def live(_: HealthAccess) -> dict[str, bool]:
 
 @router.get("/health/ready")
 async def ready(service: ServiceDep, _: HealthAccess) -> JSONResponse:
-    ok = service.registry.ready
+    ok = service.registry.ready and await records_reachable(service)
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 

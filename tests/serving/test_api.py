@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from servicekit import KEYS, auth, png
+from servicekit import KEYS, auth, make_settings, png
 
 from cellinspect.datasets.decode import encode_png
+from cellinspect.serving.app import create_app
 
 
 def inspect(
@@ -305,3 +308,33 @@ def test_clean_frame_passes(client: TestClient) -> None:
         headers={"Content-Type": "image/png", **auth("station")},
     )
     assert r.status_code == 200 and r.json()["verdict"] == "pass" and r.json()["regions"] == []
+
+
+def test_ready_reports_an_unreachable_records_database(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = client.app.state.service  # type: ignore[attr-defined]
+    monkeypatch.setattr(service.records, "ping", lambda: False)
+    reply = client.get("/readyz")
+    assert reply.status_code == 503
+    assert reply.json()["records"] == "unavailable" and reply.json()["ready"] is False
+    assert client.get("/v2/health/ready").status_code == 503
+    assert client.get("/healthz").status_code == 200  # still live: do not restart it for this
+    monkeypatch.undo()
+    assert client.get("/readyz").json() == {
+        "ready": True,
+        "models": {"tiny": "1"},
+        "records": "ok",
+    }
+
+
+def test_archive_retention_runs_at_start_up(home: Path) -> None:
+    old_day = home / "archive" / "2020-01-01" / "scrap" / "ab"
+    old_day.mkdir(parents=True)
+    (old_day / ("ab" + "0" * 62 + ".png")).write_bytes(png(0))
+    with TestClient(create_app(make_settings(home, archive_retention_days=30))) as c:
+        deadline = time.monotonic() + 5
+        while (home / "archive" / "2020-01-01").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not (home / "archive" / "2020-01-01").exists()
+        assert c.get("/readyz").status_code == 200

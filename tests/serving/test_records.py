@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from cellinspect.models.card import Verdict
 from cellinspect.serving.records import (
+    Base,
     InspectionQuery,
     InspectionRecord,
     RecordStore,
@@ -250,3 +251,40 @@ def test_query_limits_are_validated() -> None:
         InspectionQuery(limit=1001)
     with pytest.raises(ValueError):
         InspectionQuery(offset=-1)
+
+
+def test_ping_answers_true_on_a_live_database(store: RecordStore) -> None:
+    assert store.ping() is True
+
+
+def test_unreachable_database_fails_start_after_the_wait_naming_the_cause() -> None:
+    pytest.importorskip("psycopg")
+    url = "postgresql+psycopg://nobody:x@127.0.0.1:1/none"  # port 1: refused at once
+    started = time.monotonic()
+    with pytest.raises(RecordStoreUnavailable, match="unavailable"):
+        RecordStore(url, startup_wait_s=0)
+    assert time.monotonic() - started < 5
+    started = time.monotonic()
+    with pytest.raises(RecordStoreUnavailable):
+        RecordStore(url, startup_wait_s=2.0)
+    waited = time.monotonic() - started
+    assert 1.0 <= waited < 8, waited  # retried through the wait, then gave up
+
+
+def test_database_that_comes_up_during_the_wait_is_used(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Base.metadata.create_all
+    attempts: list[float] = []
+
+    def down_twice(*args: Any, **kwargs: Any) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) <= 2:  # a server still starting: refused, refused, then up
+            raise OperationalError("connect", {}, ConnectionRefusedError("refused"))
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(Base.metadata, "create_all", down_twice)
+    with RecordStore(url, startup_wait_s=10) as store:
+        assert store.ping()
+    assert len(attempts) == 3
+    assert attempts[-1] - attempts[0] >= 1.5  # it waited between attempts, it did not spin

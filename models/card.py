@@ -42,6 +42,19 @@ class OperatingPoint(BaseModel):
         None, gt=0, description="cost of scrapping a good cell / cost of a defect escaping"
     )
     method: str = "default"  # how the point was chosen: default, cost_ratio, max_escape, ...
+    # The other criteria the point was chosen for (None: not used). Flat scalars on purpose:
+    # the service reports this model as a dict of numbers and strings.
+    max_escape: float | None = Field(
+        None, ge=0, le=1, description="highest allowed share of defective cells passed"
+    )
+    target_auto_accuracy: float | None = Field(
+        None, ge=0, le=1, description="accuracy required of the cells decided without review"
+    )
+    # What the point did on the validation split when it was chosen (None: not measured).
+    val_escape_rate: float | None = Field(None, ge=0, le=1)  # defective passed / defective
+    val_false_scrap_rate: float | None = Field(None, ge=0, le=1)  # good scrapped / good
+    val_review_rate: float | None = Field(None, ge=0, le=1)  # sent to review / all
+    val_auto_accuracy: float | None = Field(None, ge=0, le=1)  # correct / decided automatically
 
     @model_validator(mode="after")
     def _ordered(self) -> OperatingPoint:
@@ -75,6 +88,48 @@ class EvalMetrics(BaseModel):
     confusion: list[list[int]] = Field(default_factory=list)
 
 
+class TradeOffPoint(BaseModel):
+    """One review band on the validation split: how much review buys how much accuracy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    review_rate: float = Field(ge=0, le=1)
+    auto_accuracy: float = Field(ge=0, le=1)  # of the cells outside the band
+    review_low: float = Field(ge=0, le=1)
+    scrap_threshold: float = Field(ge=0, le=1)
+
+
+MAX_TRADE_OFF_POINTS = 101
+
+
+class CalibrationData(BaseModel):
+    """Validation predictions kept in the card, so calibration and the operating point can be
+    recomputed without retraining (cards are immutable; a new point is a new version).
+
+    Raw logits rather than probabilities: the defect probability and the truth are derived
+    from them with the card's temperature and good class, so nothing is stored twice.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: DatasetRef  # the split the predictions came from; count = rows stored
+    logits: list[list[float]]  # N x classes, rounded to 6 decimals
+    labels: list[int]  # true class index per row
+    ece_before: float | None = Field(None, ge=0, le=1)  # top-label ECE at temperature 1
+    ece_after: float | None = Field(None, ge=0, le=1)  # top-label ECE at the card's temperature
+    trade_off: list[TradeOffPoint] = Field(
+        default_factory=list, max_length=MAX_TRADE_OFF_POINTS
+    )  # review bands around the operating point, by review rate
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CalibrationData:
+        if len(self.logits) != len(self.labels):
+            raise ValueError(f"{len(self.logits)} logit rows but {len(self.labels)} labels")
+        if len({len(row) for row in self.logits}) > 1:
+            raise ValueError("logit rows differ in length")
+        return self
+
+
 class ModelCard(BaseModel):
     """card.json beside model.onnx in the store."""
 
@@ -100,11 +155,27 @@ class ModelCard(BaseModel):
     code_commit: str | None = None
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
     onnx_sha256: str = ""
+    calibration: CalibrationData | None = None  # validation predictions; None on older cards
+    derived_from: str | None = None  # "name@version" this card re-published with a new point
 
     @model_validator(mode="after")
     def _good_class_known(self) -> ModelCard:
         if self.good_class not in self.class_names:
             raise ValueError(f"good_class {self.good_class!r} is not one of {self.class_names}")
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_matches_classes(self) -> ModelCard:
+        if self.calibration is None or not self.calibration.logits:
+            return self
+        n = len(self.class_names)
+        if len(self.calibration.logits[0]) != n:
+            raise ValueError(
+                f"calibration logits have {len(self.calibration.logits[0])} columns, "
+                f"but the card lists {n} classes"
+            )
+        if not all(0 <= label < n for label in self.calibration.labels):
+            raise ValueError(f"calibration labels must be class indices 0..{n - 1}")
         return self
 
     @property

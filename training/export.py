@@ -22,6 +22,14 @@ from cellinspect.datasets.decode import read_image
 from cellinspect.datasets.manifest import Manifest, load_manifest
 from cellinspect.datasets.preprocess import PreprocessSpec, preprocess_batch
 from cellinspect.datasets.samples import Sample, Split
+from cellinspect.models.calibration import (
+    calibration_data,
+    choose_operating_point,
+    fit_temperature,
+    measure_operating_point,
+    reliability_diagram,
+    validation_scores,
+)
 from cellinspect.models.card import (
     INPUT_NAME,
     LOGITS_NAME,
@@ -31,7 +39,7 @@ from cellinspect.models.card import (
     ModelCard,
 )
 from cellinspect.models.metrics import evaluate_predictions
-from cellinspect.models.predict import LoadedModel
+from cellinspect.models.predict import LoadedModel, softmax
 from cellinspect.models.store import ModelStore
 from cellinspect.training.fit import BEST
 from cellinspect.training.networks import ExportableClassifier, create_model
@@ -42,6 +50,7 @@ logging.getLogger("onnx_ir").setLevel(logging.WARNING)
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
+RELIABILITY_PLOT = "reliability.png"  # written to the run directory at export
 
 
 class ExportParityError(RuntimeError):
@@ -161,21 +170,90 @@ def check_parity(
     return {"max_abs_diff": diff, "samples": float(len(batch)), "tolerance": tolerance}
 
 
-def evaluate_split(
-    loaded: LoadedModel, samples: list[Sample], manifest: Manifest, split: str, max_pixels: int
-) -> EvalMetrics:
-    """Figures for `samples` computed from ONNX Runtime: exactly what serving will run."""
+def split_logits(
+    loaded: LoadedModel, samples: list[Sample], max_pixels: int, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """(raw logits N x classes, true class indices) from ONNX Runtime, a batch at a time."""
     index = {c: i for i, c in enumerate(loaded.card.class_names)}
     unknown = sorted({s.label for s in samples} - index.keys())
     if unknown:
         raise ValueError(f"labels {unknown} are not classes of the model {loaded.card.class_names}")
-    probs = loaded.predict([read_image(s.path, max_pixels=max_pixels) for s in samples])
+    spec = loaded.card.preprocessing
+    logits = [
+        loaded.predict_logits(load_batch(samples[i : i + batch_size], spec, max_pixels))
+        for i in range(0, len(samples), batch_size)
+    ]
+    return np.concatenate(logits), np.array([index[s.label] for s in samples], np.int64)
+
+
+def evaluate_split(
+    loaded: LoadedModel, samples: list[Sample], manifest: Manifest, split: str, max_pixels: int
+) -> EvalMetrics:
+    """Figures for `samples` computed from ONNX Runtime: exactly what serving will run."""
+    logits, labels = split_logits(loaded, samples, max_pixels)
     return evaluate_predictions(
-        [index[s.label] for s in samples],
-        probs,
+        labels,
+        loaded.probabilities(logits),
         loaded.card.class_names,
         DatasetRef(manifest_hash=manifest.hash, split=split, count=len(samples)),
     )
+
+
+def calibrate(
+    card: ModelCard,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    data: DatasetRef,
+    *,
+    cost_ratio: float | None = None,
+    max_escape: float | None = None,
+    target_auto_accuracy: float | None = None,
+) -> None:
+    """Fit the card's temperature on validation logits, store them, and set its operating point.
+
+    Without criteria the card keeps its operating point (0.5 / 0.5 by default), measured on
+    the validation split; with any, the point is chosen for them.
+    """
+    card.temperature = fit_temperature(logits, labels)
+    card.calibration = calibration_data(logits, labels, data, temperature=card.temperature)
+    log.info(
+        "calibration: temperature %.4g, top-label ECE %.4f -> %.4f on %d validation images",
+        card.temperature,
+        card.calibration.ece_before,
+        card.calibration.ece_after,
+        len(labels),
+    )
+    # Scores from the stored (rounded) logits, so `models set-operating-point` reproduces them.
+    p, is_defect = validation_scores(card)
+    if cost_ratio is None and max_escape is None and target_auto_accuracy is None:
+        point, curve = measure_operating_point(p, is_defect, card.operating_point)
+    else:
+        point, curve = choose_operating_point(
+            p,
+            is_defect,
+            cost_ratio=cost_ratio,
+            max_escape=max_escape,
+            target_auto_accuracy=target_auto_accuracy,
+        )
+    card.operating_point = point
+    card.calibration.trade_off = curve
+
+
+def write_reliability_plot(
+    card: ModelCard, logits: np.ndarray, labels: np.ndarray, path: Path
+) -> Path | None:
+    """Before/after reliability diagram; skipped (logged) where matplotlib is not installed."""
+    try:
+        return reliability_diagram(
+            softmax(logits),
+            labels,
+            path,
+            f"{card.name} validation",
+            calibrated=softmax(logits, card.temperature),
+        )
+    except ImportError:
+        log.info("matplotlib is not installed: no reliability diagram written")
+        return None
 
 
 def export_run(
@@ -186,10 +264,24 @@ def export_run(
     heldout: str | Path | None = None,
     parity_samples: int = 64,
     tolerance: float = PARITY_TOLERANCE,
+    cost_ratio: float | None = None,
+    max_escape: float | None = None,
+    target_auto_accuracy: float | None = None,
 ) -> ModelCard:
-    """Export the run's best checkpoint, gate on parity, evaluate, and publish a new version."""
+    """Export the run's best checkpoint, gate on parity, calibrate on the validation split,
+    evaluate, and publish a new version.
+
+    Operating-point criteria not given here are read from the training config when it has
+    them; with none, the default point is kept (see `calibrate`).
+    """
     run_dir = Path(run_dir)
     ckpt = Checkpoint.load(run_dir)
+    criteria = {
+        "cost_ratio": cost_ratio,
+        "max_escape": max_escape,
+        "target_auto_accuracy": target_auto_accuracy,
+    }
+    criteria = {k: v if v is not None else ckpt.config.get(k) for k, v in criteria.items()}
     manifest = load_manifest(ckpt.manifest_path)
     if manifest.hash != ckpt.manifest_hash:
         raise ValueError(
@@ -223,11 +315,21 @@ def export_run(
             card.parity["max_abs_diff"],
             len(parity_set),
         )
-        for split in (Split.VAL, Split.TEST):
-            if by_split[split]:
-                card.metrics[split.value] = evaluate_split(
-                    loaded, by_split[split], manifest, split.value, max_pixels
-                )
+        val = by_split[Split.VAL]
+        if val:
+            logits, labels = split_logits(loaded, val, max_pixels)
+            data = DatasetRef(manifest_hash=manifest.hash, split=Split.VAL.value, count=len(val))
+            calibrate(card, logits, labels, data, **criteria)
+            write_reliability_plot(card, logits, labels, run_dir / RELIABILITY_PLOT)
+            card.metrics[Split.VAL.value] = evaluate_predictions(
+                labels, loaded.probabilities(logits), card.class_names, data
+            )
+        else:
+            log.warning("no validation split: temperature and operating point left at defaults")
+        if by_split[Split.TEST]:
+            card.metrics[Split.TEST.value] = evaluate_split(
+                loaded, by_split[Split.TEST], manifest, Split.TEST.value, max_pixels
+            )
         if heldout is not None:
             held = load_manifest(Path(heldout))
             card.metrics["heldout"] = evaluate_split(loaded, held.samples, held, "all", max_pixels)

@@ -15,6 +15,7 @@ MODELS = [
     "cellinspect.models.runtime",
     "cellinspect.models.predict",
     "cellinspect.models.metrics",
+    "cellinspect.models.calibration",
 ]
 
 SCRIPT = textwrap.dedent(

@@ -8,8 +8,10 @@ import typer
 from rich.table import Table
 
 from cellinspect.cli.common import console, store_root
-from cellinspect.models.card import ModelCard
+from cellinspect.models.card import ModelCard, OperatingPoint, TradeOffPoint
 from cellinspect.models.store import ModelStore, parse_model_ref
+
+TRADE_OFF_ROWS = 8  # rows of the trade-off curve `show` prints
 
 app = typer.Typer(
     help="List, inspect, promote and roll back published models.", no_args_is_help=True
@@ -36,6 +38,61 @@ def list_models(store: Path | None = StoreOption) -> None:
     console.print(table)
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def render_calibration(card: ModelCard) -> None:
+    calib = card.calibration
+    line = f"calibrated temperature {card.temperature:.4g}"
+    if calib is not None:
+        if calib.ece_before is not None and calib.ece_after is not None:
+            line += f", top-label ECE {calib.ece_before:.4f} -> {calib.ece_after:.4f}"
+        line += f" on {len(calib.labels)} validation images ({calib.data.manifest_hash[:12]})"
+    else:
+        line += " (no stored validation predictions)"
+    console.print(line)
+
+
+def render_operating_point(op: OperatingPoint) -> None:
+    if op.review_low < op.scrap_threshold:
+        bands = f"pass < {op.review_low:.4f} <= review < {op.scrap_threshold:.4f} <= scrap"
+    else:
+        bands = f"pass < {op.scrap_threshold:.4f} <= scrap (no review band)"
+    console.print(f"decision   {bands}  (method: {op.method})")
+    criteria = []
+    if op.cost_ratio is not None:
+        bayes = op.cost_ratio / (1 + op.cost_ratio)
+        criteria.append(f"cost ratio {op.cost_ratio:g} (Bayes threshold {bayes:.4f})")
+    if op.max_escape is not None:
+        criteria.append(f"max escape {_pct(op.max_escape)}")
+    if op.target_auto_accuracy is not None:
+        criteria.append(f"target auto accuracy {_pct(op.target_auto_accuracy)}")
+    if criteria:
+        console.print(f"criteria   {', '.join(criteria)}")
+    if op.val_review_rate is not None:
+        console.print(
+            f"validation escape {_pct(op.val_escape_rate)}, "
+            f"false scrap {_pct(op.val_false_scrap_rate)}, review {_pct(op.val_review_rate)}, "
+            f"auto accuracy {_pct(op.val_auto_accuracy)}"
+        )
+
+
+def trade_off_table(curve: list[TradeOffPoint], rows: int = TRADE_OFF_ROWS) -> Table:
+    """A few evenly spaced points of the stored curve, from no review to the most accurate."""
+    table = Table("review", "auto accuracy", "pass <", "scrap >=", title="trade-off on validation")
+    step = max(1, -(-(len(curve) - 1) // max(1, rows - 1)))  # ceil, so the last point fits
+    picked = sorted({*range(0, len(curve), step), len(curve) - 1})
+    for point in (curve[i] for i in picked):
+        table.add_row(
+            _pct(point.review_rate),
+            _pct(point.auto_accuracy),
+            f"{point.review_low:.4f}",
+            f"{point.scrap_threshold:.4f}",
+        )
+    return table
+
+
 def render_card(card: ModelCard) -> None:
     console.print(
         f"[bold]{card.name}@{card.version}[/]  {card.task.value}, {card.arch}, opset {card.opset}"
@@ -46,11 +103,12 @@ def render_card(card: ModelCard) -> None:
         f"({spec.resize.value}, mean {spec.mean}, std {spec.std})"
     )
     console.print(f"classes    {', '.join(card.class_names)}  (good: {card.good_class})")
-    op = card.operating_point
-    console.print(
-        f"decision   temperature {card.temperature:g}; pass < {op.review_low:g} <= review "
-        f"< {op.scrap_threshold:g} <= scrap  (method: {op.method})"
-    )
+    render_calibration(card)
+    render_operating_point(card.operating_point)
+    if card.calibration and card.calibration.trade_off:
+        console.print(trade_off_table(card.calibration.trade_off))
+    if card.derived_from:
+        console.print(f"derived    from {card.derived_from} (same ONNX file, new operating point)")
     if card.training_data:
         console.print(
             f"trained on manifest {card.training_data.manifest_hash[:12]} "
@@ -87,6 +145,42 @@ def show(
         print(card.to_json(), end="")
     else:
         render_card(card)
+
+
+@app.command("set-operating-point")
+def set_operating_point(
+    ref: str = typer.Argument(..., help="NAME@VERSION (or NAME@ALIAS) to start from."),
+    cost_ratio: float | None = typer.Option(
+        None,
+        "--cost-ratio",
+        help="Cost of scrapping a good cell / cost of a defect escaping: minimise expected cost.",
+    ),
+    max_escape: float | None = typer.Option(
+        None, "--max-escape", help="Highest share of defective cells allowed to pass, 0..1."
+    ),
+    target_auto_accuracy: float | None = typer.Option(
+        None,
+        "--target-auto-accuracy",
+        help="Accuracy required of cells decided without review, 0..1: adds a review band.",
+    ),
+    store: Path | None = StoreOption,
+) -> None:
+    """Re-choose the thresholds from the version's stored validation predictions and publish
+    them as a new version (same ONNX file). Options combine; aliases are not moved."""
+    from cellinspect.models.calibration import publish_operating_point
+
+    if cost_ratio is None and max_escape is None and target_auto_accuracy is None:
+        raise ValueError("give at least one of --cost-ratio, --max-escape, --target-auto-accuracy")
+    card = publish_operating_point(
+        open_store(store),
+        parse_model_ref(ref),
+        cost_ratio=cost_ratio,
+        max_escape=max_escape,
+        target_auto_accuracy=target_auto_accuracy,
+    )
+    console.print(f"published {card.name}@{card.version} from {card.derived_from}")
+    render_operating_point(card.operating_point)
+    console.print(f"serve it with: cellinspect models promote {card.name} {card.version}")
 
 
 @app.command("promote")

@@ -101,3 +101,20 @@ def test_built_wheel_installs_and_imports(tmp_path) -> None:
     result = _probe(env, cwd=tmp_path)
     assert Path(result["datasets"]).is_relative_to(target), result["datasets"]
     _assert_no_bare_names(result)
+
+
+def test_every_code_folder_is_a_listed_package() -> None:
+    # A subpackage missing from `packages` works in the editable checkout and is absent
+    # from the wheel and the Docker image (serving/routers once was).
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for package, folder in config["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            if "__pycache__" in init.parts:
+                continue
+            relative = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *relative)))
+    assert found - listed == set(), f"folders with __init__.py not packaged: {found - listed}"

@@ -57,6 +57,11 @@ class TrainConfig(BaseModel):
     good_class: str | None = None  # None: "ok" or "good" when present
     skip_bad: bool = False  # skip unreadable images (counted) instead of failing
     max_pixels: int = Field(40_000_000, ge=1)
+    # Operating point chosen at export from the validation split (None: not used; all None:
+    # the 0.5 threshold). See cellinspect.models.calibration.choose_operating_point.
+    cost_ratio: float | None = Field(None, gt=0)  # cost of scrapping a good cell / of an escape
+    max_escape: float | None = Field(None, ge=0, le=1)  # highest share of defects passed
+    target_auto_accuracy: float | None = Field(None, gt=0, le=1)  # review band: auto accuracy
 
     @field_validator("img_size", mode="before")
     @classmethod

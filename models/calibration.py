@@ -168,9 +168,8 @@ def reliability_diagram(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = (
-        [("before", probs)] if calibrated is None else [("before", probs), ("after", calibrated)]
-    )
+    # One panel (no `calibrated`) is titled by `title` alone: its probabilities may be either.
+    panels = [("", probs)] if calibrated is None else [("before", probs), ("after", calibrated)]
     fig = Figure(figsize=(4.5 * len(panels), 4.5))
     FigureCanvasAgg(fig)
     for i, (name, p) in enumerate(panels, start=1):
@@ -193,7 +192,7 @@ def reliability_diagram(
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-label probability)")
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{title}: {name} (ECE {bins.ece:.3f})")
+        ax.set_title(f"{title}{': ' + name if name else ''} (ECE {bins.ece:.3f})")
         ax.legend(loc="upper left")
     fig.tight_layout()
     path = Path(path)

@@ -39,5 +39,15 @@ class Home:
         return self.root / "archive"
 
     @property
+    def heldout(self) -> Path:
+        """Frozen held-out sets: one NAME.json per set (`cellinspect data freeze`)."""
+        return self.root / "heldout"
+
+    @property
+    def evals(self) -> Path:
+        """Evaluation reports and the prediction cache (`cellinspect models eval/compare`)."""
+        return self.root / "evals"
+
+    @property
     def database_url(self) -> str:
         return f"sqlite:///{self.root / 'inspections.sqlite3'}"

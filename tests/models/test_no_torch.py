@@ -16,6 +16,12 @@ MODELS = [
     "cellinspect.models.predict",
     "cellinspect.models.metrics",
     "cellinspect.models.calibration",
+    "cellinspect.models.figures",
+    "cellinspect.models.leakage",
+    "cellinspect.models.evaluate",
+    "cellinspect.models.compare",
+    "cellinspect.models.plots",
+    "cellinspect.models.report",
 ]
 
 SCRIPT = textwrap.dedent(

@@ -45,8 +45,8 @@ def info() -> None:
     home = Home.resolve()
     console.print(f"cellinspect {__version__}")
     console.print(f"home      {home.root}   (set CELLINSPECT_HOME to move it)")
-    for part in ("datasets", "runs", "store", "archive"):
-        console.print(f"  {part:<8}{getattr(home, part)}")
+    for part in ("datasets", "runs", "store", "archive", "heldout", "evals"):
+        console.print(f"  {part:<9}{getattr(home, part)}")
     console.print(f"  database {home.database_url}")
 
 

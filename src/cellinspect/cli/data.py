@@ -15,11 +15,13 @@ from cellinspect.datasets.elpv import (
     materialise_elpv,
     split_breakdown,
 )
+from cellinspect.datasets.heldout import freeze_heldout, list_heldout
 from cellinspect.datasets.manifest import Manifest, build_manifest, write_manifest
 from cellinspect.datasets.synth import SynthKind, write_synthetic
 
 app = typer.Typer(
-    help="Generate synthetic data sets, materialise ELPV and build manifests.", no_args_is_help=True
+    help="Generate synthetic data sets, materialise ELPV, build manifests, freeze held-out sets.",
+    no_args_is_help=True,
 )
 
 
@@ -124,3 +126,38 @@ def manifest(
         console.print(f"[yellow]skipped {len(result.skipped)} bad file(s)[/]:")
         for path, problem in result.skipped[:20]:
             console.print(f"  {path}: {problem}", highlight=False)
+
+
+@app.command("freeze")
+def freeze(
+    manifest_path: Path = typer.Argument(..., metavar="MANIFEST", help="Manifest JSON file."),
+    name: str = typer.Option(..., "--name", help="Name evaluations will use for this set."),
+) -> None:
+    """Register a manifest as a frozen held-out set (HOME/heldout/NAME.json).
+
+    Every file is hashed now and again before each evaluation; a missing or changed file
+    is refused. A name cannot be re-frozen with different data.
+    """
+    entry, created = freeze_heldout(manifest_path, name, root=home().heldout)
+    counts = ", ".join(f"{k}: {v}" for k, v in entry.class_counts.items())
+    state = "froze" if created else "already frozen:"
+    console.print(
+        f"{state} held-out set {entry.name!r} = manifest {entry.manifest_hash[:12]} "
+        f"({entry.count} images; {counts}) from {entry.manifest}",
+        highlight=False,
+    )
+
+
+@app.command("heldout")
+def heldout() -> None:
+    """List the frozen held-out sets."""
+    entries = list_heldout(home().heldout)
+    if not entries:
+        console.print(f"no held-out sets in {home().heldout}")
+        return
+    table = Table("name", "manifest hash", "images", "frozen", "manifest")
+    for e in entries:
+        table.add_row(
+            e.name, e.manifest_hash[:12], str(e.count), e.frozen.strftime("%Y-%m-%d"), e.manifest
+        )
+    console.print(table)

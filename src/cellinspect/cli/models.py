@@ -7,15 +7,20 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from cellinspect.cli import qa
 from cellinspect.cli.common import console, store_root
 from cellinspect.models.card import ModelCard, OperatingPoint, TradeOffPoint
+from cellinspect.models.compare import GateMetric
 from cellinspect.models.store import ModelStore, parse_model_ref
 
 TRADE_OFF_ROWS = 8  # rows of the trade-off curve `show` prints
 
 app = typer.Typer(
-    help="List, inspect, promote and roll back published models.", no_args_is_help=True
+    help="List, inspect, evaluate, compare, promote and roll back published models.",
+    no_args_is_help=True,
 )
+app.command("eval")(qa.evaluate)
+app.command("compare")(qa.compare)
 
 StoreOption = typer.Option(None, "--store", help="Model store folder [default: HOME/store].")
 
@@ -114,7 +119,15 @@ def render_card(card: ModelCard) -> None:
             f"trained on manifest {card.training_data.manifest_hash[:12]} "
             f"({card.training_data.count} images), commit {card.code_commit or 'unknown'}"
         )
-    if card.parity:
+    if card.quantization:
+        p = card.parity
+        console.print(
+            f"quantized  {card.quantization}: top-1 agrees with the float model on "
+            f"{p['agreement']:.2%} of {int(p['samples'])} validation images "
+            f"(gate {p['agreement_gate']:.0%}, max |dP| {p['max_abs_prob_diff']:.3f}, "
+            f"{int(p['calibration_samples'])} calibration images)"
+        )
+    elif card.parity:
         console.print(
             f"parity     max |ORT - torch| {card.parity['max_abs_diff']:.1e} "
             f"on {int(card.parity['samples'])} samples (tolerance {card.parity['tolerance']:.0e})"
@@ -188,11 +201,35 @@ def promote(
     name: str = typer.Argument(...),
     version: str = typer.Argument(...),
     alias: str = typer.Option("production", help="Alias to move."),
+    gate_on: str | None = typer.Option(
+        None,
+        "--gate-on",
+        help="Frozen held-out set: first compare VERSION (B) with the version at the alias (A) "
+        "there, and move the alias only if the gate passes (exit code 1 otherwise).",
+    ),
+    gate: GateMetric = typer.Option(
+        GateMetric.ACCURACY, "--gate", help=f"Metric of the --gate-on check. {qa.GATE_HELP}"
+    ),
+    margin: float = qa.MarginOption,
+    allow_overlap: bool = qa.AllowOverlapOption,
     store: Path | None = StoreOption,
 ) -> None:
     """Point an alias (default: production) at a version; the move is logged."""
     opened = open_store(store)
-    opened.load_verified(parse_model_ref(f"{name}@{version}"))  # never promote a broken file
+    ref = parse_model_ref(f"{name}@{version}")
+    opened.load_verified(ref)  # never promote a broken file
+    if gate_on is not None and not qa.gate_promotion(
+        opened,
+        name,
+        opened.resolve(ref)[1],
+        alias,
+        heldout=gate_on,
+        metric=gate,
+        margin=margin,
+        allow_overlap=allow_overlap,
+    ):
+        console.print(f"{name}: {alias} not moved (gate failed)")
+        raise typer.Exit(code=1)
     opened.promote(name, version, alias=alias)
     console.print(f"{name}: {alias} → {version}")
 

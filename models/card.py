@@ -16,6 +16,7 @@ CARD_FORMAT = "cellinspect.card/1"
 INPUT_NAME = "image"
 LOGITS_NAME = "logits"
 PROBABILITIES_NAME = "probabilities"
+HEATMAP_NAME = "heatmap"  # optional: N x H x W defect map in [0, 1] at the input size
 
 
 class Task(StrEnum):
@@ -157,6 +158,7 @@ class ModelCard(BaseModel):
     onnx_sha256: str = ""
     calibration: CalibrationData | None = None  # validation predictions; None on older cards
     derived_from: str | None = None  # "name@version" this card re-published with a new point
+    quantization: str | None = None  # e.g. "int8-qdq-s8s8"; None: the exported float model
 
     @model_validator(mode="after")
     def _good_class_known(self) -> ModelCard:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cellinspect.datasets.preprocess import preprocess_batch
-from cellinspect.models.card import LOGITS_NAME, ModelCard, OperatingPoint, Verdict
+from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, ModelCard, OperatingPoint, Verdict
 from cellinspect.models.runtime import ModelLoadError, Provider, create_session
 from cellinspect.models.store import ModelRef, ModelStore
 
@@ -73,6 +73,16 @@ def _check_session(session: onnxruntime.InferenceSession, card: ModelCard, sourc
         raise ModelLoadError(
             f"{source}: output {LOGITS_NAME!r} has shape {out_shape}, card lists {classes} classes"
         )
+    if HEATMAP_NAME in card.output_names:
+        heat_shape = list(outputs[HEATMAP_NAME].shape)
+        size = [card.preprocessing.height, card.preprocessing.width]
+        if len(heat_shape) != 3 or any(
+            _static_dim(d) not in (None, s) for d, s in zip(heat_shape[1:], size, strict=True)
+        ):
+            raise ModelLoadError(
+                f"{source}: output {HEATMAP_NAME!r} has shape {heat_shape}, "
+                f"expected [N, {size[0]}, {size[1]}] (the input size)"
+            )
 
 
 class LoadedModel:
@@ -120,9 +130,27 @@ class LoadedModel:
     def num_classes(self) -> int:
         return len(self.card.class_names)
 
+    @property
+    def has_heatmap(self) -> bool:
+        """Whether the card promises (and load checked) a defect heatmap output."""
+        return HEATMAP_NAME in self.card.output_names
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (logits,) = self.session.run([LOGITS_NAME], {self.card.input_name: batch})
         return np.asarray(logits, dtype=np.float32)
+
+    def run_with_heatmaps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One session run of a preprocessed NxCxHxW batch -> (logits NxK, heatmaps NxHxW).
+
+        The heatmap (in [0, 1], at the input size) comes from the same forward pass;
+        ValueError for a model without one (see `has_heatmap`).
+        """
+        if not self.has_heatmap:
+            raise ValueError(f"{self.source} has no {HEATMAP_NAME!r} output")
+        logits, heatmaps = self.session.run(
+            [LOGITS_NAME, HEATMAP_NAME], {self.card.input_name: np.asarray(batch, np.float32)}
+        )
+        return np.asarray(logits, np.float32), np.asarray(heatmaps, np.float32)
 
     def predict_logits(self, batch: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Preprocessed float32 NxCxHxW -> raw logits NxK, run `batch_size` rows at a time."""
@@ -159,6 +187,24 @@ class LoadedModel:
         if not logits:
             return np.empty((0, self.num_classes), np.float64)
         return self.probabilities(np.concatenate(logits))
+
+    def predict_with_heatmaps(
+        self, images: Sequence[np.ndarray], batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded images -> (N x classes calibrated probabilities, N x H x W heatmaps)."""
+        _check_batch_size(batch_size)
+        spec = self.card.preprocessing
+        runs = [
+            self.run_with_heatmaps(preprocess_batch(list(images[i : i + batch_size]), spec))
+            for i in range(0, len(images), batch_size)
+        ]
+        if not runs:
+            return (
+                np.empty((0, self.num_classes), np.float64),
+                np.empty((0, spec.height, spec.width), np.float32),
+            )
+        logits, heatmaps = (np.concatenate(parts) for parts in zip(*runs, strict=True))
+        return self.probabilities(logits), heatmaps
 
     def predict_files(
         self,

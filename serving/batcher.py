@@ -18,9 +18,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 _EMA_WEIGHT = 0.2
 # Retry-After is never advertised shorter than this: clients must not spin.
 _MIN_RETRY_AFTER_S = 0.05
+
+RowT = TypeVar("RowT")  # what `run` gives per item: an array row, or a tuple of them
 
 
 class Overloaded(Exception):
@@ -62,15 +65,15 @@ class BatchTiming:
 
 
 @dataclass(eq=False)
-class _Item:
+class _Item(Generic[RowT]):
     x: np.ndarray
     deadline: float  # absolute loop.time()
     enqueued: float  # loop.time() at submit
-    future: asyncio.Future[tuple[np.ndarray, BatchTiming]]
+    future: asyncio.Future[tuple[RowT, BatchTiming]]
 
 
-class MicroBatcher:
-    """Batches single CxHxW tensors for `run` (NxCxHxW -> N x ...), one batch at a time.
+class MicroBatcher(Generic[RowT]):
+    """Batches single CxHxW tensors for `run` (NxCxHxW -> N rows), one batch at a time.
 
     `submit` returns the caller's own output row and its timing, or raises `Overloaded`
     (queue full, immediately), `DeadlineExceeded` (deadline passed while queued or while
@@ -80,7 +83,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        run: Callable[[np.ndarray], np.ndarray],
+        run: Callable[[np.ndarray], Sequence[RowT]],
         *,
         max_batch_size: int,
         max_delay_s: float,
@@ -104,7 +107,7 @@ class MicroBatcher:
         self.max_in_flight = max_in_flight
         self._slots = asyncio.Semaphore(max_in_flight)
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._queue: deque[_Item] = deque()
+        self._queue: deque[_Item[RowT]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -167,7 +170,7 @@ class MicroBatcher:
         batches_ahead = len(self._queue) / self.max_batch_size + 1
         return max(_MIN_RETRY_AFTER_S, batches_ahead * self._batch_s)
 
-    async def submit(self, x: np.ndarray, *, deadline: float) -> tuple[np.ndarray, BatchTiming]:
+    async def submit(self, x: np.ndarray, *, deadline: float) -> tuple[RowT, BatchTiming]:
         """Queue one preprocessed tensor; return its output row once its batch has run."""
         if self._task is None or self._closing:
             raise BatcherClosed(
@@ -186,7 +189,7 @@ class MicroBatcher:
                 f"batcher {self.name!r} queue is full ({self.queue_size} items waiting)",
                 retry_after_s=self.retry_after_s(),
             )
-        item = _Item(x, deadline, now, loop.create_future())
+        item: _Item[RowT] = _Item(x, deadline, now, loop.create_future())
         self._queue.append(item)
         self._wake()
         try:
@@ -271,9 +274,9 @@ class MicroBatcher:
         self._in_flight.discard(task)
         self._slots.release()
 
-    def _take_batch(self, now: float) -> list[_Item]:
+    def _take_batch(self, now: float) -> list[_Item[RowT]]:
         """Pop up to max_batch_size live items; expire those whose deadline has passed."""
-        batch: list[_Item] = []
+        batch: list[_Item[RowT]] = []
         while self._queue and len(batch) < self.max_batch_size:
             item = self._queue.popleft()
             if item.future.done():  # its caller timed out or was cancelled
@@ -290,18 +293,22 @@ class MicroBatcher:
             batch.append(item)
         return batch
 
-    def _run_batch(self, xs: list[np.ndarray]) -> np.ndarray:
+    def _run_batch(self, xs: list[np.ndarray]) -> Sequence[RowT]:
         """Worker thread: stack and run, so the copy stays off the event loop."""
         # A lone item needs no copy: a view with a batch axis is what `run` expects.
         batch = xs[0][None] if len(xs) == 1 else np.stack(xs)
-        out = np.asarray(self._run(batch))
-        if out.ndim < 1 or len(out) != len(xs):
+        out = self._run(batch)
+        try:
+            rows = len(out)
+        except TypeError:  # a 0-d array or a scalar: no rows at all
+            rows = -1
+        if rows != len(xs):
             raise RuntimeError(
-                f"batcher {self.name!r}: run returned shape {out.shape} for a batch of {len(xs)}"
+                f"batcher {self.name!r}: run returned {rows} rows for a batch of {len(xs)}"
             )
         return out
 
-    async def _execute(self, batch: list[_Item]) -> None:
+    async def _execute(self, batch: list[_Item[RowT]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         t0 = time.perf_counter()

@@ -22,7 +22,7 @@ import numpy as np
 
 from cellinspect.datasets.decode import decode_image
 from cellinspect.datasets.preprocess import PreprocessSpec, preprocess
-from cellinspect.models.card import ModelCard
+from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, ModelCard
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.runtime import ModelLoadError, create_session
 from cellinspect.models.store import ModelNotFoundError, ModelRef, ModelStore, parse_model_ref
@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 # How long a request-time alias lookup ("name@production") is trusted before the store
 # is read again: alias moves show up within this, and requests do not each hit the disk.
 ALIAS_CACHE_S = 1.0
+
+
+# One item's model output: its logits row and, for models that have one, its heatmap.
+InferenceRow = tuple[np.ndarray, np.ndarray | None]
 
 
 class ModelReloadError(Exception):
@@ -58,7 +62,8 @@ class ModelEngine:
         self.ref = f"{self.name}@{self.version}"
         self.input_shape = loaded.card.preprocessing.input_shape
         self.max_batch_size = max_batch_size
-        self.batcher = MicroBatcher(
+        self.has_heatmap = loaded.has_heatmap
+        self.batcher: MicroBatcher[InferenceRow] = MicroBatcher(
             self._run,
             max_batch_size=max_batch_size,
             max_delay_s=max_delay_s,
@@ -72,23 +77,37 @@ class ModelEngine:
     def __repr__(self) -> str:
         return f"ModelEngine({self.ref}, {self.batcher!r})"
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> list[InferenceRow]:
         # The batcher never exceeds max_batch_size, so this is one session.run per batch.
-        return self.loaded.predict_logits(batch, batch_size=self.max_batch_size)
+        # The heatmap is fetched for every item whether or not its request wants it: ONNX
+        # Runtime runs the whole graph whichever outputs are asked for, so skipping the
+        # fetch saves nothing; the map's own cost is small (benchmarks/RESULTS.md).
+        if self.has_heatmap:
+            logits, heatmaps = self.loaded.run_with_heatmaps(batch)
+            return list(zip(logits, heatmaps, strict=True))
+        logits = self.loaded.predict_logits(batch, batch_size=self.max_batch_size)
+        return [(row, None) for row in logits]
 
     async def start(self) -> None:
         await self.batcher.start()
 
     async def infer(self, x: np.ndarray, deadline: float) -> tuple[np.ndarray, BatchTiming]:
         """One preprocessed CxHxW float32 tensor -> (calibrated class probabilities, timing)."""
+        probs, _, timing = await self.infer_with_heatmap(x, deadline)
+        return probs, timing
+
+    async def infer_with_heatmap(
+        self, x: np.ndarray, deadline: float
+    ) -> tuple[np.ndarray, np.ndarray | None, BatchTiming]:
+        """Like `infer`, plus the H x W defect heatmap in [0, 1] (None: the model has none)."""
         # Checked here because one malformed tensor in a batch would fail its neighbours too.
         if x.shape != self.input_shape or x.dtype != np.float32:
             raise ValueError(
                 f"{self.ref} expects a float32 tensor of shape {self.input_shape}, "
                 f"got {x.dtype} {x.shape}"
             )
-        logits, timing = await self.batcher.submit(x, deadline=deadline)
-        return self.loaded.probabilities(logits[None])[0], timing
+        (logits, heatmap), timing = await self.batcher.submit(x, deadline=deadline)
+        return self.loaded.probabilities(logits[None])[0], heatmap, timing
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[ModelEngine]:
@@ -160,19 +179,26 @@ class ModelRegistry:
         # LoadedModel checks input/output names and shapes against the card.
         loaded = LoadedModel(card, session, source=f"{card.name}@{card.version} ({onnx_path})")
         loaded.warmup(1)
-        # The largest batch the batcher will send: allocates its buffers now, not on a request.
+        # The largest batch the batcher will send, through the outputs it fetches: allocates
+        # their buffers now, not on a request.
         size = self.settings.max_batch_size
-        logits = loaded.predict_logits(
-            np.zeros((size, *card.preprocessing.input_shape), np.float32), batch_size=size
-        )
-        expected = (size, len(card.class_names))
-        if logits.shape != expected:
-            raise ModelLoadError(
-                f"{loaded.source}: warm-up batch gave logits of shape {logits.shape}, "
-                f"expected {expected}"
-            )
-        if not np.isfinite(logits).all():
-            raise ModelLoadError(f"{loaded.source}: warm-up batch gave non-finite logits (NaN/inf)")
+        zeros = np.zeros((size, *card.preprocessing.input_shape), np.float32)
+        expected: dict[str, tuple[int, ...]] = {LOGITS_NAME: (size, len(card.class_names))}
+        if loaded.has_heatmap:
+            expected[HEATMAP_NAME] = (size, card.preprocessing.height, card.preprocessing.width)
+            outputs = dict(zip(expected, loaded.run_with_heatmaps(zeros), strict=True))
+        else:
+            outputs = {LOGITS_NAME: loaded.predict_logits(zeros, batch_size=size)}
+        for name, shape in expected.items():
+            if outputs[name].shape != shape:
+                raise ModelLoadError(
+                    f"{loaded.source}: warm-up batch gave {name} of shape "
+                    f"{outputs[name].shape}, expected {shape}"
+                )
+            if not np.isfinite(outputs[name]).all():
+                raise ModelLoadError(
+                    f"{loaded.source}: warm-up batch gave non-finite {name} (NaN/inf)"
+                )
         return loaded
 
     def _engine(self, loaded: LoadedModel) -> ModelEngine:

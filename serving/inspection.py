@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cellinspect.models.card import Verdict
+from cellinspect.serving.heatmaps import encode_heatmap
 from cellinspect.serving.policy import decide
 from cellinspect.serving.records import InspectionRecord
-from cellinspect.serving.schemas import InspectResponse, ModelInfo, Timings
+from cellinspect.serving.schemas import HeatmapFormat, InspectResponse, ModelInfo, Timings
 from cellinspect.serving.service import Service
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/bmp": "bmp", "image/tiff": "tif"}
@@ -59,9 +60,19 @@ async def archive_if_needed(
 
 
 async def inspect_image(
-    service: Service, data: bytes, *, model: str | None, origin: Origin, started: float
+    service: Service,
+    data: bytes,
+    *,
+    model: str | None,
+    origin: Origin,
+    started: float,
+    heatmap: HeatmapFormat | None = None,
 ) -> InspectResponse:
-    """Inspect one encoded image; returns only after the record is durably stored."""
+    """Inspect one encoded image; returns only after the record is durably stored.
+
+    With `heatmap`, the answer carries the model's defect heatmap in that format (null
+    for a model without one: the verdict is what the line needs, so it is never refused).
+    """
     settings = service.settings
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.deadline_ms / 1000.0 - (time.perf_counter() - started)
@@ -70,7 +81,7 @@ async def inspect_image(
         decoded = await service.decoder.decode(
             data, engine.card.preprocessing, max_pixels=settings.max_pixels
         )
-        probs, timing = await engine.infer(decoded.tensor, deadline)
+        probs, heat, timing = await engine.infer_with_heatmap(decoded.tensor, deadline)
     decision = decide(
         probs, engine.card, line_id=origin.line_id, line_points=settings.line_operating_points
     )
@@ -84,6 +95,7 @@ async def inspect_image(
         created=created,
     )
     probabilities = {c: float(p) for c, p in zip(engine.card.class_names, probs, strict=True)}
+    heatmap_answer = None if heatmap is None or heat is None else encode_heatmap(heat, heatmap)
     timings = {
         "decode_ms": decoded.decode_ms,
         "queue_ms": timing.queue_ms,
@@ -127,4 +139,5 @@ async def inspect_image(
         line_id=origin.line_id,
         station_id=origin.station_id,
         cell_id=origin.cell_id,
+        heatmap=heatmap_answer,
     )

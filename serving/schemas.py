@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from enum import StrEnum
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
@@ -32,6 +33,30 @@ class Timings(BaseModel):
     )
 
 
+class HeatmapFormat(StrEnum):
+    """How an answer carries the defect heatmap (asked for with `?heatmap=`)."""
+
+    PNG = "png"  # 8-bit gray PNG at the model input size, base64
+    GRID = "grid"  # coarse grid of cell means, as numbers
+
+
+class PngHeatmap(BaseModel):
+    format: Literal["png"] = "png"
+    width: int
+    height: int
+    data: str = Field(
+        description="base64 PNG, 8-bit gray, 255 = strongest defect evidence in this image; "
+        "covers the model input, i.e. the image after the card's resize mode"
+    )
+
+
+class GridHeatmap(BaseModel):
+    format: Literal["grid"] = "grid"
+    rows: int
+    cols: int
+    values: list[float] = Field(description="cell means in [0, 1], row-major (rows x cols)")
+
+
 class InspectResponse(BaseModel):
     inspection_id: str
     verdict: Verdict
@@ -44,6 +69,11 @@ class InspectResponse(BaseModel):
     line_id: str | None = None
     station_id: str | None = None
     cell_id: str | None = None
+    heatmap: Annotated[PngHeatmap | GridHeatmap, Field(discriminator="format")] | None = Field(
+        None,
+        description="where the model sees defect evidence, scaled to a peak of 1 per image; "
+        "null unless asked for, or when the model has no heatmap output",
+    )
 
 
 class ErrorBody(BaseModel):
@@ -69,6 +99,7 @@ class ServedModel(BaseModel):
     default: bool
     classes: list[str]
     input_shape: list[int]
+    heatmap: bool = Field(description="whether the model can answer ?heatmap=")
     operating_point: dict[str, float | str | None]
 
 

@@ -25,9 +25,20 @@ def png(value: int, size: int = 16, channels: int = 1, dtype: type = np.uint8) -
     return encode_png(np.full(shape, value * scale, dtype))
 
 
-def publish_tiny(store: ModelStore, tmp: Path, weights: np.ndarray = WEIGHTS) -> str:
-    path = build_classifier(tmp / f"tiny-{len(store.versions('tiny'))}.onnx", weights=weights)
-    return store.publish(path, make_card("tiny")).version
+def publish_tiny(
+    store: ModelStore,
+    tmp: Path,
+    weights: np.ndarray = WEIGHTS,
+    *,
+    name: str = "tiny",
+    heatmap: bool = False,
+) -> str:
+    """Publish the tiny model as a new version of `name` (with a heatmap output if asked)."""
+    path = build_classifier(
+        tmp / f"{name}-{len(store.versions(name))}.onnx", weights=weights, heatmap=heatmap
+    )
+    outputs = ["logits", "probabilities", *(["heatmap"] if heatmap else [])]
+    return store.publish(path, make_card(name, output_names=outputs)).version
 
 
 def make_settings(home: Path, **overrides: object) -> Settings:

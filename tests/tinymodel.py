@@ -2,6 +2,8 @@
 
 image [N,1,8,8] -> GlobalAveragePool -> Gemm -> logits -> Softmax -> probabilities: the
 class responds to mean brightness, so tests can steer the answer with the pixel values.
+With `heatmap=True` a third output, heatmap [N,8,8], is the input's own brightness in
+[0, 1] (image * std + mean undoes the card's normalisation), so tests know every value.
 """
 
 from __future__ import annotations
@@ -28,26 +30,43 @@ def build_classifier(
     input_shape: tuple[int | str, ...] = ("N", 1, 8, 8),
     weights: np.ndarray = WEIGHTS,
     bias: np.ndarray = BIAS,
+    heatmap: bool = False,
 ) -> Path:
-    """image [N,1,8,8] -> GlobalAvgPool -> Flatten -> Gemm -> logits -> Softmax -> probabilities."""
+    """image [N,1,8,8] -> GlobalAvgPool -> Flatten -> Gemm -> logits -> Softmax -> probabilities
+    (and heatmap = image * std + mean, reshaped to [N,8,8])."""
     classes = weights.shape[1]
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "W", "B"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
+    ]
+    initializers = [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "B")]
+    if heatmap:
+        height, width = input_shape[2], input_shape[3]
+        nodes += [
+            helper.make_node("Mul", ["image", "STD"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "MEAN"], ["brightness"]),
+            helper.make_node("Reshape", ["brightness", "HW"], ["heatmap"]),
+        ]
+        outputs.append(
+            helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["N", height, width])
+        )
+        initializers += [
+            numpy_helper.from_array(np.array(SPEC.std[0], np.float32), "STD"),
+            numpy_helper.from_array(np.array(SPEC.mean[0], np.float32), "MEAN"),
+            numpy_helper.from_array(np.array([-1, height, width], np.int64), "HW"),
+        ]
     graph = helper.make_graph(
-        [
-            helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
-            helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-            helper.make_node("Gemm", ["flat", "W", "B"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        ],
+        nodes,
         "tiny",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, list(input_shape))],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
-        ],
-        initializer=[
-            numpy_helper.from_array(weights, "W"),
-            numpy_helper.from_array(bias, "B"),
-        ],
+        outputs,
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # readable by any onnxruntime >= 1.14

@@ -31,6 +31,7 @@ from cellinspect.models.calibration import (
     validation_scores,
 )
 from cellinspect.models.card import (
+    HEATMAP_NAME,
     INPUT_NAME,
     LOGITS_NAME,
     PROBABILITIES_NAME,
@@ -50,6 +51,9 @@ logging.getLogger("onnx_ir").setLevel(logging.WARNING)
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4
+# Heatmaps are scaled per image to a peak of 1, so float noise in a dim map is magnified by
+# up to 1 / HEATMAP_FLOOR; 1e-3 of the peak is far below one gray level of an 8-bit overlay.
+HEATMAP_PARITY_TOLERANCE = 1e-3
 RELIABILITY_PLOT = "reliability.png"  # written to the run directory at export
 
 
@@ -82,7 +86,9 @@ class Checkpoint:
         )
         net.load_state_dict(state["model"])
         return cls(
-            model=ExportableClassifier(net).eval(),
+            model=ExportableClassifier(
+                net, good_index=state["class_names"].index(state["good_class"])
+            ).eval(),
             class_names=state["class_names"],
             good_class=state["good_class"],
             spec=spec,
@@ -109,6 +115,12 @@ def code_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def output_names(model: torch.nn.Module) -> list[str]:
+    """The ONNX outputs `model` returns, in order (logits, probabilities[, heatmap])."""
+    names = getattr(model, "output_names", None)
+    return list(names) if names is not None else [LOGITS_NAME, PROBABILITIES_NAME]
+
+
 def export_onnx(ckpt: Checkpoint, path: Path, *, opset: int = OPSET) -> None:
     """Write `path`: dynamic batch axis, named input/outputs, metadata, checked."""
     example = torch.zeros(2, *ckpt.spec.input_shape)
@@ -120,7 +132,7 @@ def export_onnx(ckpt: Checkpoint, path: Path, *, opset: int = OPSET) -> None:
             (example,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=[LOGITS_NAME, PROBABILITIES_NAME],
+            output_names=output_names(ckpt.model),
             dynamic_shapes={"image": {0: batch}},
             opset_version=opset,
             external_data=False,
@@ -146,28 +158,47 @@ def load_batch(samples: list[Sample], spec: PreprocessSpec, max_pixels: int) -> 
 
 
 def check_parity(
-    ckpt: Checkpoint, loaded: LoadedModel, batch: np.ndarray, tolerance: float
+    ckpt: Checkpoint,
+    loaded: LoadedModel,
+    batch: np.ndarray,
+    tolerance: float,
+    heatmap_tolerance: float = HEATMAP_PARITY_TOLERANCE,
 ) -> dict[str, float]:
-    """Max |ORT - PyTorch| of the probabilities, at batch size 1 and the full batch."""
+    """Max |ORT - PyTorch| of the probabilities (and heatmaps, where the model has them),
+    at batch size 1 and the full batch."""
+    names = [PROBABILITIES_NAME, *([HEATMAP_NAME] if loaded.has_heatmap else [])]
     with torch.inference_mode():
-        reference = ckpt.model(torch.from_numpy(batch))[1].numpy()
-    full = loaded.session.run([PROBABILITIES_NAME], {INPUT_NAME: batch})[0]
-    single = np.concatenate(
-        [
-            loaded.session.run([PROBABILITIES_NAME], {INPUT_NAME: batch[i : i + 1]})[0]
-            for i in range(min(4, len(batch)))
-        ]
-    )
-    diff = max(
-        float(np.abs(full - reference).max()),
-        float(np.abs(single - reference[: len(single)]).max()),
-    )
-    if not diff <= tolerance:
-        raise ExportParityError(
-            f"ONNX Runtime probabilities differ from PyTorch by {diff:.2e} "
-            f"(tolerance {tolerance:.0e}) on {len(batch)} samples; nothing was published"
+        outputs = dict(
+            zip(output_names(ckpt.model), ckpt.model(torch.from_numpy(batch)), strict=True)
         )
-    return {"max_abs_diff": diff, "samples": float(len(batch)), "tolerance": tolerance}
+    reference = [outputs[n].numpy() for n in names]
+    full = loaded.session.run(names, {INPUT_NAME: batch})
+    singles = [
+        loaded.session.run(names, {INPUT_NAME: batch[i : i + 1]}) for i in range(min(4, len(batch)))
+    ]
+    single = [np.concatenate([s[k] for s in singles]) for k in range(len(names))]
+
+    def max_diff(k: int) -> float:
+        return max(
+            float(np.abs(full[k] - reference[k]).max()),
+            float(np.abs(single[k] - reference[k][: len(single[k])]).max()),
+        )
+
+    result = {"max_abs_diff": max_diff(0), "samples": float(len(batch)), "tolerance": tolerance}
+    if loaded.has_heatmap:
+        result["heatmap_max_abs_diff"] = max_diff(1)
+        result["heatmap_tolerance"] = heatmap_tolerance
+    for what, key, limit in (
+        ("probabilities", "max_abs_diff", tolerance),
+        ("heatmaps", "heatmap_max_abs_diff", heatmap_tolerance),
+    ):
+        diff = result.get(key)
+        if diff is not None and not diff <= limit:
+            raise ExportParityError(
+                f"ONNX Runtime {what} differ from PyTorch by {diff:.2e} "
+                f"(tolerance {limit:.0e}) on {len(batch)} samples; nothing was published"
+            )
+    return result
 
 
 def split_logits(
@@ -301,6 +332,7 @@ def export_run(
         ),
         training_config={**ckpt.config, "best_epoch": ckpt.epoch},
         code_commit=code_commit(),
+        output_names=output_names(ckpt.model),
     )
     with tempfile.TemporaryDirectory(prefix="cellinspect-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
@@ -311,8 +343,9 @@ def export_run(
             ckpt, loaded, load_batch(parity_set, ckpt.spec, max_pixels), tolerance
         )
         log.info(
-            "parity: max |ORT - torch| = %.2e on %d samples",
+            "parity: max |ORT - torch| = %.2e (heatmaps: %s) on %d samples",
             card.parity["max_abs_diff"],
+            f"{card.parity['heatmap_max_abs_diff']:.2e}" if loaded.has_heatmap else "none",
             len(parity_set),
         )
         val = by_split[Split.VAL]

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional
 from torchvision import models as tvm
+
+from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, PROBABILITIES_NAME
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +135,123 @@ def load_local_weights(model: nn.Module, path: str | Path, *, arch: Arch, in_cha
 
 
 class ExportableClassifier(nn.Module):
-    """The module that goes to ONNX: image -> (logits, probabilities)."""
+    """The module that goes to ONNX: image -> (logits, probabilities[, heatmap]).
 
-    def __init__(self, net: nn.Module) -> None:
+    With `good_index` (the card's good class) it also returns a defect heatmap, N x H x W
+    in [0, 1] at the input size, from the same forward pass: the class-activation map of
+    the defect log-odds, log(sum over defect classes of exp(logit)) - logit[good], the
+    score whose sigmoid is the defect probability the operating point thresholds.
+
+    The map is Grad-CAM at the last convolutional feature map A, computed in closed form
+    (the exporter cannot trace autograd): weights w = d(score)/d(pooled features) through
+    the head, map = ReLU(sum_k w_k A_k). For a linear head after global average pooling
+    (resnet18, efficientnet_b0) that is exactly CAM (Zhou et al. 2016) of the score's
+    linearisation; for MobileNetV3's Linear-Hardswish-Linear head the Hardswish slope is
+    taken at the image's own pooled features. Resolution is the feature map's (input / 32),
+    upsampled bilinearly. The defect classes are weighed by their softmax at temperature 1
+    (calibration comes after export; it barely moves where the map peaks), and a map with
+    no real positive evidence stays dim rather than being stretched (HEATMAP_FLOOR).
+    """
+
+    def __init__(self, net: nn.Module, *, good_index: int | None = None) -> None:
         super().__init__()
         self.net = net
+        self.good_index = good_index
+        if good_index is not None:
+            head = _head(net)
+            classes = next(m for m in reversed(list(head.modules())) if isinstance(m, nn.Linear))
+            if not 0 <= good_index < classes.out_features:
+                raise ValueError(
+                    f"good_index {good_index} is not a class index (0..{classes.out_features - 1})"
+                )
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(image)
-        return logits, torch.softmax(logits, dim=1)
+    @property
+    def output_names(self) -> list[str]:
+        names = [LOGITS_NAME, PROBABILITIES_NAME]
+        return names if self.good_index is None else [*names, HEATMAP_NAME]
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.good_index is None:
+            logits = self.net(image)
+            return logits, torch.softmax(logits, dim=1)
+        features = _feature_map(self.net, image)
+        pool = self.net.avgpool
+        assert isinstance(pool, nn.Module)  # the net's own pooling: logits stay bit-identical
+        pooled = torch.flatten(pool(features), 1)
+        logits, weights = _head_with_evidence(_head(self.net), pooled, self.good_index)
+        heatmap = class_activation_map(features, weights, size=image.shape[-2:])
+        return logits, torch.softmax(logits, dim=1), heatmap
+
+
+# A map whose positive evidence peaks below this share of its strongest (mostly negative)
+# evidence is left dim instead of being stretched to 1: "nothing defect-like anywhere".
+HEATMAP_FLOOR = 1e-2
+
+
+def class_activation_map(
+    features: torch.Tensor, weights: torch.Tensor, *, size: tuple[int, int] | torch.Size
+) -> torch.Tensor:
+    """ReLU(sum_k w_k A_k), upsampled bilinearly to `size`, scaled to a peak of 1 per image.
+
+    features: N x C x h x w; weights: N x C -> N x H x W float in [0, 1].
+    """
+    raw = torch.bmm(weights.unsqueeze(1), features.flatten(2))  # N x 1 x hw
+    raw = raw.view(features.shape[0], 1, features.shape[2], features.shape[3])
+    cam = functional.interpolate(torch.relu(raw), size=size, mode="bilinear", align_corners=False)
+    peak = cam.amax(dim=(2, 3), keepdim=True)
+    floor = HEATMAP_FLOOR * raw.abs().amax(dim=(2, 3), keepdim=True) + 1e-12
+    return (cam / torch.maximum(peak, floor)).squeeze(1)
+
+
+def _feature_map(net: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """The last convolutional feature map: what global average pooling reads."""
+    if isinstance(net, tvm.ResNet):
+        x = net.maxpool(net.relu(net.bn1(net.conv1(image))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+    if isinstance(net, tvm.MobileNetV3 | tvm.EfficientNet):
+        return net.features(image)
+    raise TypeError(f"no heatmap for {type(net).__name__}; supported: {', '.join(Arch)}")
+
+
+def _head(net: nn.Module) -> nn.Module:
+    """The layers after global average pooling."""
+    if isinstance(net, tvm.ResNet):
+        return net.fc
+    if isinstance(net, tvm.MobileNetV3 | tvm.EfficientNet):
+        return net.classifier
+    raise TypeError(f"no heatmap for {type(net).__name__}; supported: {', '.join(Arch)}")
+
+
+def _hardswish_slope(x: torch.Tensor) -> torch.Tensor:
+    """d/dx of x * relu6(x + 3) / 6."""
+    inner = (2 * x + 3) / 6
+    return torch.where(x <= -3, torch.zeros_like(x), torch.where(x >= 3, torch.ones_like(x), inner))
+
+
+def _head_with_evidence(
+    head: nn.Module, pooled: torch.Tensor, good_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, d(defect log-odds)/d(pooled)): one forward through the head, one closed-form
+    backward through its Linear / activation / Dropout layers (inference: Dropout is identity).
+    """
+    layers = list(head) if isinstance(head, nn.Sequential) else [head]
+    inputs = []
+    x = pooled
+    for layer in layers:
+        inputs.append(x)
+        x = layer(x)
+    logits = x
+    # d/dz [logsumexp(z_defect) - z_good] = softmax over the defect classes, -1 at good.
+    good = functional.one_hot(torch.tensor(good_index), logits.shape[1]).to(logits.dtype)
+    defect_share = torch.softmax(logits.masked_fill(good.bool(), float("-inf")), dim=1)
+    grad = defect_share - good
+    for layer, x in zip(reversed(layers), reversed(inputs), strict=True):
+        if isinstance(layer, nn.Linear):
+            grad = grad @ layer.weight
+        elif isinstance(layer, nn.Hardswish):
+            grad = grad * _hardswish_slope(x)
+        elif isinstance(layer, nn.ReLU):
+            grad = grad * (x > 0).to(grad.dtype)
+        elif not isinstance(layer, nn.Dropout | nn.Identity):
+            raise TypeError(f"no closed-form heatmap through {type(layer).__name__} in the head")
+    return logits, grad

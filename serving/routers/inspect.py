@@ -18,6 +18,7 @@ from cellinspect.serving.schemas import (
     BatchItem,
     BatchResponse,
     ErrorBody,
+    HeatmapFormat,
     InspectResponse,
 )
 from cellinspect.serving.service import ServiceDep, StationRole
@@ -60,6 +61,14 @@ async def origin_query(
 
 
 OriginDep = Annotated[Origin, Depends(origin_query)]
+HeatmapQuery = Annotated[
+    HeatmapFormat | None,
+    Query(
+        description="add the defect heatmap: png (base64 gray image at the model input size) "
+        "or grid (8 x 8 cell means); null in the answer if the model has none "
+        "(GET /v1/models says which do)"
+    ),
+]
 
 
 @router.post(
@@ -71,6 +80,7 @@ async def inspect(
     _: StationRole,
     origin: OriginDep,
     model: ModelRef = None,
+    heatmap: HeatmapQuery = None,
 ) -> Response:
     started = time.perf_counter()
     upload = await read_single(request)
@@ -80,6 +90,7 @@ async def inspect(
         model=model,
         origin=origin,
         started=started,
+        heatmap=heatmap,
     )
     # Serialised once by pydantic-core: FastAPI would validate the model again first, and
     # at line rate that second pass is measurable (benchmarks/RESULTS.md).
@@ -104,12 +115,15 @@ async def inspect_batch(
     _: StationRole,
     origin: OriginDep,
     model: ModelRef = None,
+    heatmap: HeatmapQuery = None,
 ) -> BatchResponse:
     started = time.perf_counter()
     uploads = await read_uploads(request, max_files=service.settings.max_batch_images)
     outcomes = await asyncio.gather(
         *(
-            inspect_image(service, u.data, model=model, origin=origin, started=started)
+            inspect_image(
+                service, u.data, model=model, origin=origin, started=started, heatmap=heatmap
+            )
             for u in uploads
         ),
         return_exceptions=True,

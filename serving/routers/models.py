@@ -31,6 +31,7 @@ async def list_served(service: ServiceDep, _: StationRole) -> list[ServedModel]:
             default=i == 0,
             classes=e.card.class_names,
             input_shape=list(e.card.preprocessing.input_shape),
+            heatmap=e.has_heatmap,
             operating_point=e.card.operating_point.model_dump(),
         )
         for i, e in enumerate(engines)

@@ -47,7 +47,7 @@ def synth(
         ..., help="electrode tiles, cell side views, or line-scan frames"
     ),
     out: Path | None = typer.Option(
-        None, help="Output folder [default: HOME/datasets/<kind>-<seed>]"
+        None, help="Output folder (default: HOME/datasets/<kind>-<seed>)"
     ),
     count: int = typer.Option(200, min=1, help="Images per class (frames for 'frame')."),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same images."),
@@ -71,7 +71,7 @@ def synth(
 @app.command("elpv")
 def elpv(
     out: Path | None = typer.Option(
-        None, help="Output folder [default: HOME/datasets/elpv-<task>]"
+        None, help="Output folder (default: HOME/datasets/elpv-<task>)"
     ),
     task: ElpvTask = typer.Option(
         ElpvTask.BINARY,

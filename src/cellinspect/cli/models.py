@@ -22,7 +22,7 @@ app = typer.Typer(
 app.command("eval")(qa.evaluate)
 app.command("compare")(qa.compare)
 
-StoreOption = typer.Option(None, "--store", help="Model store folder [default: HOME/store].")
+StoreOption = typer.Option(None, "--store", help="Model store folder (default: HOME/store).")
 
 
 def open_store(store: Path | None) -> ModelStore:

@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from cellinspect.cli.common import console, home, store_root
+from cellinspect.cli.common import console, err_console, home, store_root
 from cellinspect.datasets.synth import SynthKind
 
 DEMO_MODEL = "electrode-defects"
+
+
+class Quantize(StrEnum):
+    """What `export` publishes beside the float model."""
+
+    NONE = "none"  # the FP32 model only
+    INT8 = "int8"  # also a static INT8 version (QDQ, S8S8) for CPU edge boxes
 
 
 def _run_dir_default() -> Path:
@@ -23,7 +32,7 @@ def _run_dir_default() -> Path:
 
 def train(
     data: Path = typer.Option(..., help="Data folder, manifest.json or CSV file."),
-    out: Path | None = typer.Option(None, help="Run folder [default: HOME/runs/<time>]."),
+    out: Path | None = typer.Option(None, help="Run folder (default: HOME/runs/<time>)."),
     config: Path | None = typer.Option(None, "--config", help="YAML file of training options."),
     arch: str | None = typer.Option(
         None, help="resnet18, mobilenet_v3_small, mobilenet_v3_large or efficientnet_b0."
@@ -78,17 +87,41 @@ def export(
     run_dir: Path = typer.Argument(..., help="A training run folder (holds best.pt)."),
     name: str = typer.Option(..., help="Model name in the store (lower case, digits, . _ -)."),
     heldout: Path | None = typer.Option(None, help="Manifest of a held-out set to evaluate on."),
-    store: Path | None = typer.Option(None, help="Model store [default: HOME/store]."),
+    store: Path | None = typer.Option(None, help="Model store (default: HOME/store)."),
+    quantize: Quantize = typer.Option(
+        Quantize.NONE,
+        help="int8: also publish a static INT8 version (QDQ, signed int8, per-channel weights, "
+        "calibrated on training images) as the next version. Refused, and nothing published, "
+        "unless its top-1 agrees with the FP32 model on at least 99% of the validation split.",
+    ),
 ) -> None:
-    """Export to ONNX, check parity with PyTorch, evaluate with ONNX Runtime, publish a version."""
+    """Export to ONNX, check parity with PyTorch, evaluate with ONNX Runtime, publish a version.
+
+    With --quantize int8, the FP32 version is followed by an INT8 one, evaluated alike.
+    """
+    from cellinspect.cli.models import render_card
     from cellinspect.models.store import ModelStore, parse_model_ref
     from cellinspect.training.export import export_run
 
     parse_model_ref(name)  # refuse a bad name before minutes of work
-    card = export_run(run_dir, store=ModelStore(store_root(store)), name=name, heldout=heldout)
-    console.print(f"published {card.name}@{card.version} (sha256 {card.onnx_sha256[:12]})")
-    from cellinspect.cli.models import render_card
+    model_store = ModelStore(store_root(store))
+    if quantize is Quantize.NONE:
+        card = export_run(run_dir, store=model_store, name=name, heldout=heldout)
+        console.print(f"published {card.name}@{card.version} (sha256 {card.onnx_sha256[:12]})")
+        render_card(card)
+        return
 
+    from cellinspect.training.quantize import QuantizationGateError, export_int8
+
+    try:
+        fp32, card = export_int8(run_dir, store=model_store, name=name, heldout=heldout)
+    except QuantizationGateError as exc:
+        err_console.print(f"[bold red]refused:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    console.print(
+        f"published {fp32.name}@{fp32.version} (fp32) and {card.name}@{card.version} "
+        f"({card.quantization}, top-1 agreement {card.parity['agreement']:.2%})"
+    )
     render_card(card)
 
 

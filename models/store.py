@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -294,12 +294,23 @@ class ModelStore:
     # ---- publishing ---------------------------------------------------------------------
 
     def publish(
-        self, onnx_path: str | Path, card: ModelCard, *, name: str | None = None
+        self,
+        onnx_path: str | Path,
+        card: ModelCard,
+        *,
+        name: str | None = None,
+        extra_files: Mapping[str, bytes] | None = None,
     ) -> ModelCard:
         """Store `onnx_path` with `card` as the next version of `card.name`; return the final card.
 
         `name`, when given, must equal `card.name` (a guard for callers that pick the name).
+        `extra_files` (plain file name -> bytes) land in the same version folder, in the
+        same atomic rename: e.g. the training images' hashes for the leakage guard.
         """
+        extra = dict(extra_files or {})
+        for file_name in extra:
+            if file_name in (MODEL_FILE, CARD_FILE) or Path(file_name).name != file_name:
+                raise ValueError(f"extra file name {file_name!r} must be a plain, new file name")
         onnx_path = Path(onnx_path)
         model_dir = self._model_dir(card.name)
         if name is not None and name != card.name:
@@ -315,6 +326,11 @@ class ModelStore:
             with (tmp_dir / MODEL_FILE).open("rb") as f:
                 os.fsync(f.fileno())
             sha = sha256_file(tmp_dir / MODEL_FILE)
+            for file_name, payload in extra.items():
+                with (tmp_dir / file_name).open("wb") as f:
+                    f.write(payload)
+                    f.flush()
+                    os.fsync(f.fileno())
             with self._locked(card.name):
                 versions = self.versions(card.name)
                 version = str(int(versions[-1]) + 1) if versions else "1"

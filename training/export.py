@@ -39,6 +39,7 @@ from cellinspect.models.card import (
     EvalMetrics,
     ModelCard,
 )
+from cellinspect.models.leakage import TRAINING_HASHES_FILE, training_hashes_text
 from cellinspect.models.metrics import evaluate_predictions
 from cellinspect.models.predict import LoadedModel, softmax
 from cellinspect.models.store import ModelStore
@@ -287,6 +288,12 @@ def write_reliability_plot(
         return None
 
 
+def training_files(manifest: Manifest) -> dict[str, bytes]:
+    """Files published beside model.onnx: the training images' hashes, so the leakage guard
+    of `models eval` still works after the run folder and its manifest are gone."""
+    return {TRAINING_HASHES_FILE: training_hashes_text(manifest).encode()}
+
+
 def export_run(
     run_dir: str | Path,
     *,
@@ -366,4 +373,4 @@ def export_run(
         if heldout is not None:
             held = load_manifest(Path(heldout))
             card.metrics["heldout"] = evaluate_split(loaded, held.samples, held, "all", max_pixels)
-        return store.publish(onnx_path, card)
+        return store.publish(onnx_path, card, extra_files=training_files(manifest))

@@ -44,6 +44,7 @@ from cellinspect.training.export import (
     export_run,
     load_batch,
     split_logits,
+    training_files,
 )
 
 if TYPE_CHECKING:
@@ -421,5 +422,6 @@ def export_int8(
         if found.max_abs_heatmap_diff is not None:
             card.parity["max_abs_heatmap_diff"] = found.max_abs_heatmap_diff
         _evaluate(card, int8, by_split, manifest, heldout, max_pixels, criteria)
-        published_fp32 = store.publish(fp32_path, fp32_card)
-        return published_fp32, store.publish(int8_path, card)
+        files = training_files(manifest)
+        published_fp32 = store.publish(fp32_path, fp32_card, extra_files=files)
+        return published_fp32, store.publish(int8_path, card, extra_files=files)

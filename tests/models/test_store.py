@@ -349,3 +349,13 @@ def test_long_names_are_shortened_in_the_error():
     with pytest.raises(ValueError) as err:
         store_module.validate_name("x" * 5000)
     assert len(str(err.value)) < 300
+
+
+def test_publish_writes_extra_files_in_the_same_version(store, onnx_model, card):
+    published = store.publish(onnx_model, card, extra_files={"training_hashes.txt": b"x\n"})
+    _, onnx_path = store.load_verified(f"{card.name}@{published.version}")
+    assert (onnx_path.parent / "training_hashes.txt").read_bytes() == b"x\n"
+    for bad in ("card.json", "../escape.txt", "sub/dir.txt"):
+        with pytest.raises(ValueError, match="plain, new file name"):
+            store.publish(onnx_model, card, extra_files={bad: b""})
+    assert store.versions(card.name) == [published.version]

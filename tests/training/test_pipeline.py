@@ -11,6 +11,7 @@ import torch
 
 from cellinspect.cli.data import synthesize
 from cellinspect.datasets.decode import read_image
+from cellinspect.datasets.manifest import load_manifest
 from cellinspect.datasets.samples import Split
 from cellinspect.datasets.synth import SynthKind
 from cellinspect.models.predict import LoadedModel
@@ -97,6 +98,10 @@ def test_export_publishes_verified_version_with_parity_and_metrics(trained_run, 
     assert json.loads(meta["cellinspect.preprocessing"]) == card.preprocessing.model_dump(
         mode="json"
     )
+    # The leakage guard's hashes travel with the version, checked against the card's hash.
+    hashes = (onnx_path.parent / "training_hashes.txt").read_text().splitlines()
+    assert card.training_data.manifest_hash in hashes[0]
+    assert len(hashes) - 1 == len(load_manifest(Path(trained_run.data) / "manifest.json").samples)
 
 
 def test_export_refuses_to_publish_when_parity_fails(trained_run, tmp_path) -> None:

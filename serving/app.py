@@ -21,6 +21,7 @@ from cellinspect.serving.records import RecordStore
 from cellinspect.serving.routers import health, inspect, inspections, models, v2
 from cellinspect.serving.service import Service
 from cellinspect.serving.settings import Settings
+from cellinspect.serving.shadow import ShadowRunner
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,11 @@ def _build_service(settings: Settings) -> Service:
         on_commit=lambda n, _s: metrics.record_group.observe(n),
         startup_wait_s=settings.records_startup_wait_s,
     )
+    registry = ModelRegistry(store, settings)
     return Service(
         settings=settings,
         store=store,
-        registry=ModelRegistry(store, settings),
+        registry=registry,
         records=records,
         archive=ImageArchive(
             settings.archive_path,
@@ -44,9 +46,12 @@ def _build_service(settings: Settings) -> Service:
             quota_bytes=settings.archive_quota_bytes,
             retention_days=settings.archive_retention_days,
         ),
-        decoder=DecodePool(settings.decode_workers or settings.cores),
+        decoder=DecodePool(
+            settings.decode_workers or settings.cores, max_waiting=settings.decode_queue_size
+        ),
         auth=ApiKeyAuth(settings),
         metrics=metrics,
+        shadow=ShadowRunner(settings, registry, records, metrics),
     )
 
 
@@ -86,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             retention.cancel()
+            await service.shadow.close()
             await service.registry.close()
             await service.records.close()
             service.decoder.close()

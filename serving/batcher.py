@@ -91,6 +91,7 @@ class MicroBatcher(Generic[RowT]):
         name: str = "",
         dispatch_when_idle: bool = True,
         max_in_flight: int = 1,
+        worker_init: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1 or max_delay_s < 0 or max_in_flight < 1:
             raise ValueError(
@@ -105,6 +106,8 @@ class MicroBatcher(Generic[RowT]):
         self.dispatch_when_idle = dispatch_when_idle
         # 1 is the design point (ORT already uses every core); >1 exists to measure that.
         self.max_in_flight = max_in_flight
+        # Runs once in each worker thread as it starts (e.g. to lower its CPU priority).
+        self.worker_init = worker_init
         self._slots = asyncio.Semaphore(max_in_flight)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._queue: deque[_Item[RowT]] = deque()
@@ -142,7 +145,9 @@ class MicroBatcher(Generic[RowT]):
             return
         self._closing = False
         self._executor = ThreadPoolExecutor(
-            max_workers=self.max_in_flight, thread_name_prefix=f"batcher-{self.name or id(self)}"
+            max_workers=self.max_in_flight,
+            thread_name_prefix=f"batcher-{self.name or id(self)}",
+            initializer=self.worker_init,
         )
         self._task = asyncio.get_running_loop().create_task(
             self._collect(), name=f"batcher-{self.name}"

@@ -3,7 +3,9 @@
 `ModelRegistry` loads the configured models (verified, warmed) before it reports ready,
 resolves request refs (`name`, `name@3`, `name@production`) to the engine that serves
 them, and swaps in a new version only after it has loaded, passed its checks and warmed
-up; until then, and whenever a reload fails, the old version keeps answering.
+up; until then, and whenever a reload fails, the old version keeps answering. Shadow
+candidates (`shadow_models`) are loaded the same way into engines of their own that run
+at the lowest CPU priority; they are never looked up by a request.
 `DecodePool` keeps image decoding and preprocessing off the event loop, bounded.
 """
 
@@ -13,6 +15,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +31,7 @@ from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, ModelCard
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.runtime import ModelLoadError, create_session
 from cellinspect.models.store import ModelNotFoundError, ModelRef, ModelStore, parse_model_ref
-from cellinspect.serving.batcher import BatchTiming, MicroBatcher
+from cellinspect.serving.batcher import BatchTiming, MicroBatcher, Overloaded
 from cellinspect.serving.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -36,12 +41,30 @@ logger = logging.getLogger(__name__)
 ALIAS_CACHE_S = 1.0
 
 
+# Niceness of a shadow candidate's worker thread: the kernel gives live work the cores first.
+SHADOW_NICENESS = 19
+
+
 # One item's model output: its logits row and, for models that have one, its heatmap.
 InferenceRow = tuple[np.ndarray, np.ndarray | None]
 
 
 class ModelReloadError(Exception):
     """A new version could not be loaded, verified or warmed; the old one still serves."""
+
+
+def lower_thread_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux only; never raises).
+
+    On Linux a thread id names one thread for setpriority, so only this worker is niced;
+    elsewhere the call would nice the whole process, so it is skipped.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICENESS)
+    except OSError as exc:  # a sandbox may forbid it: the candidate still runs, at normal priority
+        logger.warning("cannot lower the shadow worker's priority: %s", exc)
 
 
 class ModelEngine:
@@ -54,6 +77,7 @@ class ModelEngine:
         max_batch_size: int,
         max_delay_s: float,
         queue_size: int,
+        background: bool = False,
     ) -> None:
         self.loaded = loaded
         self.card: ModelCard = loaded.card
@@ -68,7 +92,8 @@ class ModelEngine:
             max_batch_size=max_batch_size,
             max_delay_s=max_delay_s,
             queue_size=queue_size,
-            name=self.ref,
+            name=f"{self.ref} (shadow)" if background else self.ref,
+            worker_init=lower_thread_priority if background else None,
         )
         self._users = 0
         self._idle = asyncio.Event()
@@ -154,7 +179,14 @@ class ModelRegistry:
                 raise ValueError(f"model {ref.name!r} is configured twice in {settings.models}")
             self._configured[ref.name] = ref
         self.default_name = next(iter(self._configured))
+        self._shadow_configured: dict[str, ModelRef] = {}
+        for name, text in settings.shadow_models.items():
+            ref = parse_model_ref(text)
+            if name not in self._configured or ref.name != name:
+                raise ValueError(f"shadow candidate {text!r} is not a version of a served model")
+            self._shadow_configured[name] = ref
         self._engines: dict[str, ModelEngine] = {}
+        self._candidates: dict[str, ModelEngine] = {}
         self._reload_locks = {name: asyncio.Lock() for name in self._configured}
         self._retiring: set[asyncio.Task[None]] = set()
         self._alias_cache: dict[tuple[str, str], tuple[str, float]] = {}
@@ -167,13 +199,15 @@ class ModelRegistry:
         """True once every configured model is loaded and warmed (and until close)."""
         return not self._closed and len(self._engines) == len(self._configured)
 
-    def _load_blocking(self, ref: ModelRef) -> LoadedModel:
+    def _load_blocking(self, ref: ModelRef, *, intra_op_threads: int | None = None) -> LoadedModel:
         """Verify, open, check and warm one version (runs in a thread: it takes seconds)."""
         card, onnx_path = self.store.load_verified(ref)
         session = create_session(
             onnx_path,
             providers=self.settings.providers,
-            intra_op_threads=self.settings.intra_op_threads or self.settings.cores,
+            intra_op_threads=intra_op_threads
+            or self.settings.intra_op_threads
+            or self.settings.cores,
             spin=self.settings.ort_spin,
         )
         # LoadedModel checks input/output names and shapes against the card.
@@ -201,12 +235,14 @@ class ModelRegistry:
                 )
         return loaded
 
-    def _engine(self, loaded: LoadedModel) -> ModelEngine:
+    def _engine(self, loaded: LoadedModel, *, background: bool = False) -> ModelEngine:
         return ModelEngine(
             loaded,
             max_batch_size=self.settings.max_batch_size,
             max_delay_s=self.settings.max_delay_ms / 1000,
-            queue_size=self.settings.queue_size,
+            # A candidate holds one batch in waiting at most: shadow work is dropped, not queued.
+            queue_size=self.settings.max_batch_size if background else self.settings.queue_size,
+            background=background,
         )
 
     async def load_all(self) -> None:
@@ -219,6 +255,27 @@ class ModelRegistry:
             await engine.start()
             self._engines[name] = engine
             logger.info("serving %s (configured as %s)", engine.ref, ref)
+        for name, ref in self._shadow_configured.items():
+            if name not in self._candidates:
+                await self._load_candidate(name, ref)
+
+    async def _load_candidate(self, name: str, ref: ModelRef) -> None:
+        """Load a shadow candidate like a served model; a failure only turns its shadow off."""
+        try:
+            loaded = await asyncio.to_thread(
+                self._load_blocking, ref, intra_op_threads=self.settings.shadow_intra_op_threads
+            )
+        except Exception as exc:  # the live answer must not depend on the candidate
+            logger.error(
+                "shadow candidate %s not loaded, no shadow runs for %s: %s", ref, name, exc
+            )
+            return
+        engine = self._engine(loaded, background=True)
+        await engine.start()
+        self._candidates[name] = engine
+        if engine.version == self._engines[name].version:
+            logger.warning("shadow candidate %s is the served version itself", engine.ref)
+        logger.info("shadowing %s with %s (configured as %s)", name, engine.ref, ref)
 
     # ---- lookup -------------------------------------------------------------------------
 
@@ -277,6 +334,19 @@ class ModelRegistry:
         """Served engines, default first."""
         return list(self._engines.values())
 
+    def candidate(self, name: str) -> ModelEngine | None:
+        """The shadow candidate loaded for served model `name`, if any."""
+        return self._candidates.get(name)
+
+    @contextlib.contextmanager
+    def candidate_lease(self, name: str) -> Iterator[ModelEngine]:
+        """The candidate of `name`, held for a shadow run (ModelNotFoundError: none loaded)."""
+        engine = self._candidates.get(name)
+        if engine is None:
+            raise ModelNotFoundError(f"no shadow candidate is loaded for {name!r}")
+        with engine.in_use():
+            yield engine
+
     # ---- reload -------------------------------------------------------------------------
 
     async def reload(self, name: str, selector: str | None = None) -> tuple[str, str]:
@@ -326,6 +396,8 @@ class ModelRegistry:
         """Drain and stop every engine, including ones retired by a reload."""
         self._closed = True
         engines, self._engines = list(self._engines.values()), {}
+        engines += self._candidates.values()
+        self._candidates = {}
         await asyncio.gather(*(e.close() for e in engines), *list(self._retiring))
 
 
@@ -354,22 +426,46 @@ class DecodePool:
 
     At most `workers * 4` images are handed to the pool at once; further callers wait on
     the semaphore (holding only their request bytes) instead of piling up decoded frames.
+    At most `max_waiting` callers wait: the next one gets `Overloaded` (503) at once. This
+    is the service's admission bound: without it, a load above capacity queues here until
+    the deadline and the few requests that are served wait almost all of it.
     """
 
-    def __init__(self, workers: int) -> None:
-        if workers < 1:
-            raise ValueError(f"decode workers must be at least 1, got {workers}")
+    def __init__(self, workers: int, *, max_waiting: int = 64) -> None:
+        if workers < 1 or max_waiting < 1:
+            raise ValueError(
+                f"decode workers and max_waiting must be at least 1, got {workers}, {max_waiting}"
+            )
         self.workers = workers
+        self.max_waiting = max_waiting
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self._slots = asyncio.Semaphore(workers * 4)
+        self._waiting = 0
+        self._decode_s = 0.002  # running mean of one decode, for Retry-After
+        self.rejected = 0
 
     async def decode(self, data: bytes, spec: PreprocessSpec, *, max_pixels: int) -> DecodedImage:
         """Bytes -> DecodedImage; cellinspect.datasets.errors exceptions propagate unchanged."""
-        async with self._slots:
+        if self._slots.locked() and self._waiting >= self.max_waiting:
+            self.rejected += 1
+            raise Overloaded(
+                f"decode queue is full ({self._waiting} images waiting)",
+                retry_after_s=max(0.05, self._waiting * self._decode_s / self.workers),
+            )
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
+            decoded = await loop.run_in_executor(
                 self._executor, _decode_and_preprocess, data, spec, max_pixels
             )
+        finally:
+            self._slots.release()
+        self._decode_s = 0.9 * self._decode_s + 0.1 * decoded.decode_ms / 1000
+        return decoded
 
     def close(self) -> None:
         """Stop the workers; decodes still queued are cancelled."""

@@ -1,4 +1,5 @@
-"""One inspection: decode -> micro-batched inference -> decision -> archive -> durable record.
+"""One inspection: decode -> micro-batched inference -> decision -> archive -> durable record
+(-> a shadow run of the model's candidate, in the background, when configured).
 
 Shared by the single, batch and Open Inference Protocol routes, so every path records alike.
 """
@@ -127,6 +128,8 @@ async def inspect_image(
     metrics.verdicts.labels(
         origin.line_id or "", origin.station_id or "", decision.label, decision.verdict.value
     ).inc()
+    # Only now, with the answer final and recorded: the candidate can never change or delay it.
+    service.shadow.offer(engine, decoded, record)
     return InspectResponse(
         inspection_id=inspection_id,
         verdict=decision.verdict,

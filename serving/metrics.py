@@ -85,6 +85,37 @@ class ServiceMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        # Shadow mode: the candidate's answers beside the served model's (model = served name).
+        self.shadow_runs = Counter(
+            "cellinspect_shadow_runs",
+            "Inspections the shadow candidate answered",
+            ["model", "candidate"],
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "cellinspect_shadow_dropped",
+            "Sampled inspections left without a recorded shadow result, by reason",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.shadow_label_agreements = Counter(
+            "cellinspect_shadow_label_agreements",
+            "Shadow runs whose label equals the served model's",
+            ["model", "candidate"],
+            registry=r,
+        )
+        self.shadow_verdict_agreements = Counter(
+            "cellinspect_shadow_verdict_agreements",
+            "Shadow runs whose verdict equals the served model's",
+            ["model", "candidate"],
+            registry=r,
+        )
+        self.shadow_verdict_changes = Counter(
+            "cellinspect_shadow_verdict_changes",
+            "Shadow runs whose verdict differs, from the served verdict to the candidate's",
+            ["model", "candidate", "from_verdict", "to_verdict"],
+            registry=r,
+        )
 
     def watch_batchers(self, stats: Callable[[], dict[str, BatcherStats]]) -> None:
         self.registry.register(_BatcherCollector(stats))

@@ -2,8 +2,12 @@
 
 Writes go through a group-commit writer thread: concurrent requests queue their rows, the
 writer inserts everything pending in one transaction, and every waiter is released after
-the single commit (one fsync for many verdicts). Reads run synchronously in the caller's
-thread; the API calls them off the event loop.
+the single commit (one fsync for many verdicts). Shadow results (a candidate model's answer
+on an already recorded inspection) ride the same queue as updates: nobody waits for them,
+the writer holds them for the next commit of records (up to `SHADOW_FLUSH_S`, so they cost
+no commit of their own while inspections flow), and they are refused when the writer is
+behind. Reads run synchronously in the caller's thread; the API calls them off the event
+loop.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import (
@@ -30,12 +34,14 @@ from sqlalchemy import (
     Float,
     Index,
     String,
+    bindparam,
     create_engine,
     event,
     func,
     insert,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
@@ -45,6 +51,9 @@ from sqlalchemy.types import TypeDecorator
 from cellinspect.models.card import Verdict
 from cellinspect.serving.schemas import Timings
 
+if TYPE_CHECKING:
+    from cellinspect.models.shadow import ShadowTally
+
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5  # a down database fails a batch in seconds, never hangs it
@@ -52,6 +61,9 @@ STATEMENT_TIMEOUT_MS = 30_000  # PostgreSQL: a stuck server cannot hold the writ
 TCP_USER_TIMEOUT_MS = 10_000  # PostgreSQL: unacknowledged data means the link is dead
 SQLITE_BUSY_TIMEOUT_MS = 5_000  # another process (a CLI tool) holding the write lock
 STARTUP_RETRY_S = 1.0  # between attempts to reach the database at start-up
+# Longest a shadow result waits for a commit of records to ride along in before it is
+# committed alone (read when a store is created).
+SHADOW_FLUSH_S = 1.0
 
 
 class RecordStoreUnavailable(RuntimeError):
@@ -169,6 +181,40 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
 
 
+@dataclass(frozen=True, slots=True)
+class ShadowResult:
+    """A shadow candidate's answer on one recorded inspection."""
+
+    inspection_id: str
+    model_version: str
+    label: str
+    verdict: Verdict
+
+
+_Queued = _Pending | ShadowResult
+
+# Core UPDATE by id for many shadow results at once (executemany); the bind names differ
+# from the column names, which SQLAlchemy reserves for the SET clause.
+_SHADOW_UPDATE = (
+    update(InspectionRow.__table__)  # type: ignore[arg-type]
+    .where(InspectionRow.__table__.c.id == bindparam("b_id"))
+    .values(
+        shadow_model_version=bindparam("b_version"),
+        shadow_label=bindparam("b_label"),
+        shadow_verdict=bindparam("b_verdict"),
+    )
+)
+
+
+def _shadow_values(result: ShadowResult) -> dict[str, str]:
+    return {
+        "b_id": result.inspection_id,
+        "b_version": result.model_version,
+        "b_label": result.label,
+        "b_verdict": result.verdict.value,
+    }
+
+
 _STOP = object()  # sentinel: the writer drains everything queued before it, then exits
 
 
@@ -212,10 +258,11 @@ class RecordStore:
         self.max_group = max_group
         self.commit_timeout_s = commit_timeout_s
         self.commit_wait_s = max(commit_wait_ms, 0.0) / 1000
+        self.shadow_flush_s = SHADOW_FLUSH_S
         self.on_commit = on_commit
         self.engine = _create_engine(url)
         self.backend = self.engine.dialect.name
-        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Queued | object] = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders "closed" against enqueueing
         self._closed = False
         self._writer: threading.Thread | None = None
@@ -279,7 +326,7 @@ class RecordStore:
 
     @property
     def pending(self) -> int:
-        """Records queued but not yet committed (approximate)."""
+        """Records and shadow results queued for the writer (approximate)."""
         return self._queue.qsize()
 
     # -- writes ----------------------------------------------------------------------------
@@ -305,6 +352,19 @@ class RecordStore:
                 f"inspection record not committed within {self.commit_timeout_s:g} s"
             ) from None
 
+    def add_shadow_result(self, result: ShadowResult) -> bool:
+        """Queue a shadow result for the writer; False (nothing queued) when the store is closed
+        or the writer is behind (a full commit group already waiting): never blocks or raises.
+
+        The writer is started by `start` or the first `add`, not here: a shadow result always
+        follows its inspection's own record.
+        """
+        with self._lock:
+            if self._closed or self._queue.qsize() >= self.max_group:
+                return False
+            self._queue.put(result)
+        return True
+
     def add_many_sync(self, records: Iterable[InspectionRecord]) -> None:
         """Insert records in one transaction from the calling thread (tools, tests)."""
         values = [_row_values(r) for r in records]
@@ -317,20 +377,39 @@ class RecordStore:
             raise _unavailable(exc) from exc
 
     def _run(self) -> None:
+        held: list[ShadowResult] = []  # waiting for a commit of records to ride along in
+        flush_at = 0.0
         while True:
-            batch, stop = self._take()
-            if batch:
-                self._commit(batch)
+            timeout = max(0.0, flush_at - time.monotonic()) if held else None
+            batch, stop = self._take(timeout)
+            records: list[_Queued] = []
+            for item in batch:
+                if isinstance(item, ShadowResult):
+                    if not held:
+                        flush_at = time.monotonic() + self.shadow_flush_s
+                    held.append(item)
+                else:
+                    records.append(item)
+            due = bool(held) and (
+                stop or len(held) >= self.max_group or time.monotonic() >= flush_at
+            )
+            if records or due:
+                self._commit([*records, *held])
+                held = []
             if stop:
                 return
 
-    def _take(self) -> tuple[list[_Pending], bool]:
-        """Block for one record, then gather what else is pending (briefly waiting for more)."""
-        first = self._queue.get()
+    def _take(self, timeout: float | None) -> tuple[list[_Queued], bool]:
+        """Block for one item (at most `timeout` s), then gather what else is pending
+        (briefly waiting for more)."""
+        try:
+            first = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return [], False
         if first is _STOP:
             return [], True
-        assert isinstance(first, _Pending)
-        batch = [first]
+        assert isinstance(first, _Pending | ShadowResult)
+        batch: list[_Queued] = [first]
         deadline = time.monotonic() + self.commit_wait_s
         while len(batch) < self.max_group:
             remaining = deadline - time.monotonic()
@@ -344,15 +423,21 @@ class RecordStore:
                 break
             if item is _STOP:
                 return batch, True
-            assert isinstance(item, _Pending)
+            assert isinstance(item, _Pending | ShadowResult)
             batch.append(item)
         return batch, False
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[_Queued]) -> None:
         started = time.perf_counter()
+        records = [item for item in batch if isinstance(item, _Pending)]
+        results = [item for item in batch if isinstance(item, ShadowResult)]
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(InspectionRow), [_row_values(p.record) for p in batch])
+                # Shadow results come after their records' commits: their rows are there.
+                if records:
+                    conn.execute(insert(InspectionRow), [_row_values(p.record) for p in records])
+                if results:
+                    conn.execute(_SHADOW_UPDATE, [_shadow_values(r) for r in results])
         # The writer must outlive any failure: every waiter gets an answer, and the next
         # batch retries on a fresh connection (pool_pre_ping, SQLite reopen).
         except Exception as exc:
@@ -361,15 +446,21 @@ class RecordStore:
                 logger.warning(
                     "records: batch of %d failed (%s); retrying one by one", len(batch), exc
                 )
-                for pending in batch:
-                    self._commit([pending])
+                for item in batch:
+                    self._commit([item])
                 return
             error = _unavailable(exc)
-            logger.error("records: batch of %d not committed: %s", len(batch), error)
-            self._release(batch, error)
+            logger.error(
+                "records: %d record(s) and %d shadow result(s) not committed: %s",
+                len(records),
+                len(results),
+                error,
+            )
+            self._release(records, error)
             return
-        self._report(len(batch), time.perf_counter() - started)
-        self._release(batch, None)
+        if records:
+            self._report(len(records), time.perf_counter() - started)
+        self._release(records, None)
 
     def _report(self, size: int, seconds: float) -> None:
         if self.on_commit is None:
@@ -446,6 +537,44 @@ class RecordStore:
             rows = session.scalars(page).all()
             return [InspectionRecord.model_validate(r) for r in rows], int(total or 0)
 
+    def shadow_tallies(
+        self, model_name: str, *, since: datetime | None = None, until: datetime | None = None
+    ) -> list[ShadowTally]:
+        """Inspections of `model_name` with a shadow result, counted per version pair, labels
+        and verdicts (aggregated in the database: one row per combination, not per image)."""
+        # Imported here: the service never runs this query, and models.shadow loads models.compare.
+        from cellinspect.models.shadow import ShadowTally
+
+        row = InspectionRow
+        conditions = [row.model_name == model_name, row.shadow_verdict.is_not(None)]
+        if since is not None:
+            conditions.append(row.created >= since)  # inclusive
+        if until is not None:
+            conditions.append(row.created < until)  # exclusive
+        keys = (
+            row.model_version,
+            row.shadow_model_version,
+            row.label,
+            row.shadow_label,
+            row.verdict,
+            row.shadow_verdict,
+        )
+        statement = select(*keys, func.count()).where(*conditions).group_by(*keys)
+        with self._session() as session:
+            rows = session.execute(statement).all()
+        return [
+            ShadowTally(
+                version=r[0],
+                candidate_version=r[1],
+                label=r[2],
+                candidate_label=r[3],
+                verdict=Verdict(r[4]),
+                candidate_verdict=Verdict(r[5]),
+                count=int(r[6]),
+            )
+            for r in rows
+        ]
+
     def count(self) -> int:
         """Number of stored records."""
         with self._session() as session:
@@ -463,6 +592,17 @@ class RecordStore:
                 return "ok"
         except Exception as exc:
             return str(_unavailable(exc))
+
+
+def open_existing(url: str) -> RecordStore:
+    """A RecordStore on a database that must already exist (tools that only read): a missing
+    SQLite file raises FileNotFoundError instead of becoming a new, empty database."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = Path(parsed.database or "").expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no records database at {path}")
+    return RecordStore(url)
 
 
 def _create_engine(url: str) -> Engine:

@@ -16,6 +16,7 @@ from cellinspect.serving.engine import DecodePool, ModelRegistry
 from cellinspect.serving.metrics import ServiceMetrics
 from cellinspect.serving.records import RecordStore
 from cellinspect.serving.settings import Role, Settings
+from cellinspect.serving.shadow import ShadowRunner
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Service:
     decoder: DecodePool
     auth: ApiKeyAuth
     metrics: ServiceMetrics
+    shadow: ShadowRunner
 
 
 # async: FastAPI runs plain `def` dependencies in a thread pool, a hop per request for nothing.

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cellinspect.home import Home
 from cellinspect.models.card import OperatingPoint
+from cellinspect.models.store import parse_model_ref
 
 
 class Mode(StrEnum):
@@ -60,6 +61,7 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1)  # images waiting for a batch; beyond it: 503
     deadline_ms: float = Field(2000, gt=0)  # per request; past it: 503 + Retry-After
     decode_workers: int | None = Field(None, ge=1)  # None: the cores this process owns
+    decode_queue_size: int = Field(64, ge=1)  # requests waiting for a decode worker; beyond: 503
     # Input limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
@@ -80,6 +82,15 @@ class Settings(BaseSettings):
     open_metrics: bool = True  # /metrics without a key
     # Per-line operating points, JSON: {"line-3": {"review_low": 0.2, "scrap_threshold": 0.8}}
     line_operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
+    # Shadow mode, JSON: {"electrode-defects": "electrode-defects@5"}: a candidate version per
+    # served model, run beside it on live images and recorded, never the answer.
+    shadow_models: dict[str, str] = Field(default_factory=dict)
+    shadow_share: float = Field(1.0, ge=0, le=1)  # share of inspections also run on the candidate
+    # A shadow run starts only while at most this many live images wait for the served models.
+    shadow_max_primary_queue: int = Field(0, ge=0)
+    # ORT threads per candidate: 1 keeps all its work in its batcher's niced worker thread;
+    # ORT's extra threads, with more, run at normal priority.
+    shadow_intra_op_threads: int = Field(1, ge=1)
 
     @field_validator("models", "providers", mode="before")
     @classmethod
@@ -101,6 +112,21 @@ class Settings(BaseSettings):
                 )
         if not self.models:
             raise ValueError("at least one model must be configured (CELLINSPECT_MODELS)")
+        return self
+
+    @model_validator(mode="after")
+    def _shadow_candidates_match(self) -> Settings:
+        served = [parse_model_ref(text).name for text in self.models]
+        for name, candidate in self.shadow_models.items():
+            if name not in served:
+                raise ValueError(
+                    f"shadow candidate for {name!r}, which is not served (served: {', '.join(served)})"
+                )
+            if parse_model_ref(candidate).name != name:
+                raise ValueError(
+                    f"the shadow candidate for {name!r} must be a version of it "
+                    f"({name}@VERSION or {name}@ALIAS), got {candidate!r}"
+                )
         return self
 
     @property

@@ -20,6 +20,7 @@ MODELS = [
     "cellinspect.models.leakage",
     "cellinspect.models.evaluate",
     "cellinspect.models.compare",
+    "cellinspect.models.shadow",
     "cellinspect.models.plots",
     "cellinspect.models.report",
 ]
@@ -57,7 +58,15 @@ SCRIPT = textwrap.dedent(
     ("blocked", "modules"),
     [
         (["torch", "fastapi"], MODELS),
-        (["torch"], ["cellinspect.serving", "cellinspect.serving.app", "cellinspect.cli"]),
+        (
+            ["torch"],
+            [
+                "cellinspect.serving",
+                "cellinspect.serving.app",
+                "cellinspect.serving.shadow",
+                "cellinspect.cli",
+            ],
+        ),
     ],
     ids=["models", "serving"],
 )

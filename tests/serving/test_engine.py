@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,38 @@ def test_decode_pool_decodes_and_preprocesses() -> None:
             *(pool.decode(data, SPEC, max_pixels=10_000) for _ in range(30))
         )
         assert all(np.array_equal(d.tensor, decoded.tensor) for d in many)
+        pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_decode_pool_refuses_at_once_beyond_its_waiting_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cellinspect.serving import engine as engine_module
+    from cellinspect.serving.batcher import Overloaded
+
+    real = engine_module._decode_and_preprocess
+
+    def slow(*args: object) -> object:
+        time.sleep(0.2)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "_decode_and_preprocess", slow)
+    data = encode_png(np.zeros((8, 8), np.uint8))
+
+    async def scenario() -> None:
+        pool = DecodePool(1, max_waiting=2)  # 4 in the pool + 2 waiting are admitted
+        started = time.perf_counter()
+        tasks = [asyncio.create_task(pool.decode(data, SPEC, max_pixels=100)) for _ in range(10)]
+        done, _ = await asyncio.wait(tasks, timeout=0.1)
+        refused = [t for t in done if isinstance(t.exception(), Overloaded)]
+        assert len(refused) == 4 and time.perf_counter() - started < 0.15  # not queued
+        assert refused[0].exception().retry_after_s >= 0.05  # type: ignore[union-attr]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert sum(isinstance(r, Overloaded) for r in results) == 4
+        assert pool.rejected == 4
+        await pool.decode(data, SPEC, max_pixels=100)  # the bound frees up again
         pool.close()
 
     asyncio.run(scenario())

@@ -21,6 +21,7 @@ app = typer.Typer(
 )
 app.command("eval")(qa.evaluate)
 app.command("compare")(qa.compare)
+app.command("compare-live")(qa.compare_live_command)
 
 StoreOption = typer.Option(None, "--store", help="Model store folder (default: HOME/store).")
 

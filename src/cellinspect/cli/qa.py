@@ -1,13 +1,15 @@
-"""`cellinspect models eval|compare` and the promotion gate: thin commands over models.evaluate,
-models.compare and models.report."""
+"""`cellinspect models eval|compare|compare-live` and the promotion gate: thin commands over
+models.evaluate, models.compare, models.shadow and models.report."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import typer
+from pydantic import TypeAdapter
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -31,6 +33,7 @@ from cellinspect.models.report import (
     write_compare_outputs,
     write_eval_outputs,
 )
+from cellinspect.models.shadow import LiveComparison, compare_live
 from cellinspect.models.store import ModelStore, parse_model_ref
 
 StoreOption = typer.Option(None, "--store", help="Model store folder (default: HOME/store).")
@@ -238,3 +241,92 @@ def gate_promotion(
     write_compare_outputs(report, evaluations, folder)
     console.print(f"comparison written to {folder}", highlight=False)
     return report_gate(report)
+
+
+def _utc_time(text: str, option: str) -> datetime:
+    """An ISO 8601 time as aware UTC (no offset given: UTC, as the records store it)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{option} {text!r} is not an ISO 8601 time (e.g. 2026-11-22T08:00:00Z)"
+        ) from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def print_live_comparison(c: LiveComparison) -> None:
+    console.print(
+        f"[bold]{escape(c.model)}@{escape(c.version)}[/] (served) vs "
+        f"[bold]@{escape(c.candidate_version)}[/] (shadow candidate): {c.n} inspections",
+        highlight=False,
+    )
+    console.print(
+        f"label agreement {100 * c.label_agreement:.2f}%, "
+        f"verdict agreement {100 * c.verdict_agreement:.2f}%",
+        highlight=False,
+    )
+    verdicts = list(c.verdict_matrix)
+    matrix = Table("served ↓ candidate →", *verdicts, title="verdicts (inspections)")
+    for served, row in c.verdict_matrix.items():
+        matrix.add_row(served, *(str(row[v]) for v in verdicts))
+    console.print(matrix)
+    rates = Table("per 10,000", "served", "candidate", "change")
+    for v in verdicts:
+        served, candidate = c.rates["served"][v], c.rates["candidate"][v]
+        rates.add_row(v, f"{served:.2f}", f"{candidate:.2f}", f"{candidate - served:+.2f}")
+    console.print(rates)
+    changes = [f"{k} {rate:.2f}" for k, rate in c.changes.items() if rate]
+    console.print(f"verdict changes per 10,000: {', '.join(changes) or 'none'}", highlight=False)
+    t = c.scrap_test
+    console.print(
+        f"scrap sign test (exact): candidate scraps {t.more} the served model did not, "
+        f"spares {t.fewer} it scrapped; p = {t.p_value:.4g}: [bold]{t.conclusion}[/]",
+        highlight=False,
+    )
+
+
+def compare_live_command(
+    name: str = typer.Argument(..., help="Served model name, as in CELLINSPECT_SHADOW_MODELS."),
+    since: str = typer.Option(..., "--since", help="Start, ISO 8601, inclusive (no offset: UTC)."),
+    until: str | None = typer.Option(
+        None, "--until", help="End, ISO 8601, exclusive (default: now)."
+    ),
+    db: str | None = typer.Option(
+        None,
+        "--db",
+        envvar="CELLINSPECT_DATABASE_URL",
+        help="Records database URL (default: the service's, HOME/inspections.sqlite3).",
+    ),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Also write the comparisons to this JSON file."
+    ),
+) -> None:
+    """Served model vs its shadow candidate on live inspections (exit code 1: none found).
+
+    Live images have no truth labels, so this says how the two differ, not which is right:
+    label and verdict agreement, the verdict change matrix, rates and changes per 10,000
+    inspections, and an exact sign test of whether the candidate scraps more or fewer cells.
+    """
+    from cellinspect.serving.records import open_existing
+
+    start = _utc_time(since, "--since")
+    end = _utc_time(until, "--until") if until is not None else datetime.now(UTC)
+    if start >= end:
+        raise ValueError(
+            f"--since ({start.isoformat()}) must be before --until ({end.isoformat()})"
+        )
+    with open_existing(db or home().database_url) as records:
+        tallies = records.shadow_tallies(name, since=start, until=end)
+    comparisons = compare_live(name, tallies)
+    if not comparisons:
+        console.print(
+            f"[yellow]no inspections of {escape(name)} with a shadow result between "
+            f"{start.isoformat()} and {end.isoformat()}[/]",
+            highlight=False,
+        )
+        raise typer.Exit(code=1)
+    for comparison in comparisons:
+        print_live_comparison(comparison)
+    if json_out is not None:
+        json_out.write_bytes(TypeAdapter(list[LiveComparison]).dump_json(comparisons, indent=2))
+        console.print(f"wrote {json_out}", highlight=False)

@@ -288,6 +288,40 @@ def write_reliability_plot(
         return None
 
 
+def evaluate_card(
+    card: ModelCard,
+    loaded: LoadedModel,
+    by_split: dict[Split, list[Sample]],
+    manifest: Manifest,
+    heldout: str | Path | None,
+    max_pixels: int,
+    criteria: dict[str, float | None],
+    *,
+    reliability_plot: Path | None = None,
+) -> None:
+    """Fill `card`'s temperature, operating point and val/test/held-out metrics through ORT.
+
+    One function for every exported model (FP32 and INT8), so QA compares like with like.
+    """
+    val = by_split[Split.VAL]
+    if val:
+        logits, labels = split_logits(loaded, val, max_pixels)
+        data = DatasetRef(manifest_hash=manifest.hash, split=Split.VAL.value, count=len(val))
+        calibrate(card, logits, labels, data, **criteria)
+        if reliability_plot is not None:
+            write_reliability_plot(card, logits, labels, reliability_plot)
+        card.metrics[Split.VAL.value] = evaluate_predictions(
+            labels, loaded.probabilities(logits), card.class_names, data
+        )
+    if by_split[Split.TEST]:
+        card.metrics[Split.TEST.value] = evaluate_split(
+            loaded, by_split[Split.TEST], manifest, Split.TEST.value, max_pixels
+        )
+    if heldout is not None:
+        held = load_manifest(Path(heldout))
+        card.metrics["heldout"] = evaluate_split(loaded, held.samples, held, "all", max_pixels)
+
+
 def training_files(manifest: Manifest) -> dict[str, bytes]:
     """Files published beside model.onnx: the training images' hashes, so the leakage guard
     of `models eval` still works after the run folder and its manifest are gone."""
@@ -355,22 +389,16 @@ def export_run(
             f"{card.parity['heatmap_max_abs_diff']:.2e}" if loaded.has_heatmap else "none",
             len(parity_set),
         )
-        val = by_split[Split.VAL]
-        if val:
-            logits, labels = split_logits(loaded, val, max_pixels)
-            data = DatasetRef(manifest_hash=manifest.hash, split=Split.VAL.value, count=len(val))
-            calibrate(card, logits, labels, data, **criteria)
-            write_reliability_plot(card, logits, labels, run_dir / RELIABILITY_PLOT)
-            card.metrics[Split.VAL.value] = evaluate_predictions(
-                labels, loaded.probabilities(logits), card.class_names, data
-            )
-        else:
+        if not by_split[Split.VAL]:
             log.warning("no validation split: temperature and operating point left at defaults")
-        if by_split[Split.TEST]:
-            card.metrics[Split.TEST.value] = evaluate_split(
-                loaded, by_split[Split.TEST], manifest, Split.TEST.value, max_pixels
-            )
-        if heldout is not None:
-            held = load_manifest(Path(heldout))
-            card.metrics["heldout"] = evaluate_split(loaded, held.samples, held, "all", max_pixels)
+        evaluate_card(
+            card,
+            loaded,
+            by_split,
+            manifest,
+            heldout,
+            max_pixels,
+            criteria,
+            reliability_plot=run_dir / RELIABILITY_PLOT,
+        )
         return store.publish(onnx_path, card, extra_files=training_files(manifest))

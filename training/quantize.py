@@ -24,26 +24,22 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from cellinspect.datasets.manifest import Manifest, load_manifest
+from cellinspect.datasets.manifest import load_manifest
 from cellinspect.datasets.samples import Sample, Split
 from cellinspect.models.card import (
     HEATMAP_NAME,
     INPUT_NAME,
     LOGITS_NAME,
     PROBABILITIES_NAME,
-    DatasetRef,
     ModelCard,
 )
-from cellinspect.models.metrics import evaluate_predictions
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.store import ModelStore, sha256_file
 from cellinspect.training.export import (
     Checkpoint,
-    calibrate,
-    evaluate_split,
+    evaluate_card,
     export_run,
     load_batch,
-    split_logits,
     training_files,
 )
 
@@ -329,34 +325,6 @@ def int8_card(fp32_card: ModelCard, int8_path: Path, *, per_channel: bool) -> Mo
     )
 
 
-def _evaluate(
-    card: ModelCard,
-    loaded: LoadedModel,
-    by_split: dict[Split, list[Sample]],
-    manifest: Manifest,
-    heldout: str | Path | None,
-    max_pixels: int,
-    criteria: dict[str, float | None],
-) -> None:
-    """Temperature, operating point and metrics of `card`, exactly as `export_run` computes
-    them for the FP32 model (same functions, same splits)."""
-    val = by_split[Split.VAL]
-    if val:
-        logits, labels = split_logits(loaded, val, max_pixels)
-        data = DatasetRef(manifest_hash=manifest.hash, split=Split.VAL.value, count=len(val))
-        calibrate(card, logits, labels, data, **criteria)
-        card.metrics[Split.VAL.value] = evaluate_predictions(
-            labels, loaded.probabilities(logits), card.class_names, data
-        )
-    if by_split[Split.TEST]:
-        card.metrics[Split.TEST.value] = evaluate_split(
-            loaded, by_split[Split.TEST], manifest, Split.TEST.value, max_pixels
-        )
-    if heldout is not None:
-        held = load_manifest(Path(heldout))
-        card.metrics["heldout"] = evaluate_split(loaded, held.samples, held, "all", max_pixels)
-
-
 def export_int8(
     run_dir: str | Path,
     *,
@@ -421,7 +389,7 @@ def export_int8(
         }
         if found.max_abs_heatmap_diff is not None:
             card.parity["max_abs_heatmap_diff"] = found.max_abs_heatmap_diff
-        _evaluate(card, int8, by_split, manifest, heldout, max_pixels, criteria)
+        evaluate_card(card, int8, by_split, manifest, heldout, max_pixels, criteria)
         files = training_files(manifest)
         published_fp32 = store.publish(fp32_path, fp32_card, extra_files=files)
         return published_fp32, store.publish(int8_path, card, extra_files=files)

@@ -12,6 +12,7 @@ from tinymodel import WEIGHTS
 
 from cellinspect.models.store import ModelStore
 from cellinspect.serving.app import create_app
+from cellinspect.serving.records import RecordStore
 
 
 @pytest.fixture
@@ -27,3 +28,17 @@ def home(tmp_path: Path) -> Path:
 def client(home: Path) -> Iterator[TestClient]:
     with TestClient(create_app(make_settings(home))) as c:
         yield c
+
+
+# Record stores for test_records.py (SQLite) and test_records_postgres.py: each module
+# supplies its own `url` fixture. (test_engine.py's `store` is a ModelStore of its own.)
+@pytest.fixture
+def commits() -> list[int]:
+    """Group sizes of the commits made so far."""
+    return []
+
+
+@pytest.fixture
+def store(url: str, commits: list[int]) -> Iterator[RecordStore]:
+    with RecordStore(url, on_commit=lambda n, _s: commits.append(n)) as s:
+        yield s

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -48,17 +47,6 @@ def make_record(i: int = 0, **overrides: Any) -> InspectionRecord:
 @pytest.fixture
 def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'db' / 'inspections.sqlite3'}"
-
-
-@pytest.fixture
-def commits() -> list[int]:
-    return []
-
-
-@pytest.fixture
-def store(url: str, commits: list[int]) -> Iterator[RecordStore]:
-    with RecordStore(url, on_commit=lambda n, _s: commits.append(n)) as s:
-        yield s
 
 
 class FailInserts:

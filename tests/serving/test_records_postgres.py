@@ -46,17 +46,6 @@ def url() -> Iterator[str]:
     yield URL
 
 
-@pytest.fixture
-def commits() -> list[int]:
-    return []
-
-
-@pytest.fixture
-def store(url: str, commits: list[int]) -> Iterator[RecordStore]:
-    with RecordStore(url, on_commit=lambda n, _s: commits.append(n)) as s:
-        yield s
-
-
 class Outage:
     """A TCP relay in front of the server that can drop every connection and refuse new ones."""
 

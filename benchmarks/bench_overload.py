@@ -35,10 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serving import LUA, publish_model, start_server, wrk  # noqa: E402
-
-from cellinspect.datasets.decode import encode_png  # noqa: E402
-from cellinspect.datasets.synth import generate_electrode  # noqa: E402
+from bench_serving import publish_model, start_server, write_load, wrk  # noqa: E402
 
 ROUTE = "/v1/inspect"
 
@@ -164,11 +161,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cellinspect-overload-") as tmp:
         home = Path(tmp)
         publish_model(home, 224)
-        tile, _ = generate_electrode("scratch", np.random.default_rng(0), size=300)
-        image = home / "image.png"
-        image.write_bytes(encode_png(tile))
-        script = home / "post.lua"
-        script.write_text(LUA)
+        image, script = write_load(home, 300)
         url = f"http://127.0.0.1:{args.port}{ROUTE}"
         proc = start_server("cellinspect", home, args.port, threads=os.cpu_count() or 1)
         try:

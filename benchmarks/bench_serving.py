@@ -80,6 +80,16 @@ def publish_model(home: Path, size: int) -> ModelCard:
     return ModelStore(home / "store").publish(onnx_path, card)
 
 
+def write_load(home: Path, image_size: int) -> tuple[Path, Path]:
+    """The posted image (a synthetic scratch tile, gray PNG) and wrk's script, under `home`."""
+    tile, _ = generate_electrode("scratch", np.random.default_rng(0), size=image_size)
+    image = home / "image.png"
+    image.write_bytes(encode_png(tile))
+    script = home / "post.lua"
+    script.write_text(LUA)
+    return image, script
+
+
 def in_process_limit(
     card: ModelCard, path: Path, image: bytes, threads: int, seconds: float
 ) -> float:
@@ -105,13 +115,26 @@ def wait_ready(url: str, proc: subprocess.Popen) -> None:
     raise RuntimeError(f"{url} not ready")
 
 
-def start_server(kind: str, home: Path, port: int, threads: int) -> subprocess.Popen:
+def start_server(
+    kind: str,
+    home: Path,
+    port: int,
+    threads: int,
+    *,
+    model: str = MODEL,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """`naive` or `cellinspect` serving `model` on `port`, returned once /readyz answers.
+
+    `env` adds settings (e.g. CELLINSPECT_SHADOW_MODELS) to the server's environment.
+    """
     env = {
         **os.environ,
         "CELLINSPECT_HOME": str(home),
         "BENCH_MODEL": MODEL,
         "BENCH_THREADS": str(threads),
         "CELLINSPECT_INTRA_OP_THREADS": str(threads),
+        **(env or {}),
     }
     if kind == "naive":
         cmd = [
@@ -133,7 +156,7 @@ def start_server(kind: str, home: Path, port: int, threads: int) -> subprocess.P
             "cellinspect.cli",
             "serve",
             "--model",
-            MODEL,
+            model,
             "--port",
             str(port),
         ]
@@ -197,11 +220,7 @@ def main() -> None:
         home = Path(tmp)
         card = publish_model(home, args.size)
         _, onnx_path = ModelStore(home / "store").load_verified(MODEL)
-        tile, _ = generate_electrode("scratch", np.random.default_rng(0), size=args.image_size)
-        image_path = home / "image.png"
-        image_path.write_bytes(encode_png(tile))
-        script = home / "post.lua"
-        script.write_text(LUA)
+        image_path, script = write_load(home, args.image_size)
         limits = [
             in_process_limit(card, onnx_path, image_path.read_bytes(), args.threads, args.duration)
             for _ in range(args.rounds)

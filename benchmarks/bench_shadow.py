@@ -23,46 +23,21 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_serving import LUA, MODEL, publish_model, wait_ready, wrk  # noqa: E402
-
-from cellinspect.datasets.decode import encode_png  # noqa: E402
-from cellinspect.datasets.synth import generate_electrode  # noqa: E402
+from bench_serving import MODEL, publish_model, start_server, write_load, wrk  # noqa: E402
 
 MODES = ("off", "on")
 BASE_PORT = 8750
 SETTLE_S = 0.5  # lets shadow runs of the previous load finish before counters are read
-
-
-def start_service(home: Path, port: int, threads: int, *, shadow: bool) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "CELLINSPECT_HOME": str(home),
-        "CELLINSPECT_INTRA_OP_THREADS": str(threads),
-        "CELLINSPECT_SHADOW_MODELS": json.dumps({MODEL: f"{MODEL}@2"}) if shadow else "{}",
-        "CELLINSPECT_SHADOW_SHARE": "1.0",
-    }
-    cmd = [sys.executable, "-m", "cellinspect.cli", "serve", "--model", f"{MODEL}@1"]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
-    return proc
 
 
 def shadow_counts(port: int) -> dict[str, float]:
@@ -110,17 +85,24 @@ def main() -> None:
         home = Path(tmp)
         publish_model(home, args.size)  # bench@1: served
         publish_model(home, args.size)  # bench@2: the candidate (other random weights)
-        tile, _ = generate_electrode("scratch", np.random.default_rng(0), size=args.image_size)
-        image_path = home / "image.png"
-        image_path.write_bytes(encode_png(tile))
-        script = home / "post.lua"
-        script.write_text(LUA)
+        image_path, script = write_load(home, args.image_size)
         port = BASE_PORT
         for round_ in range(args.rounds):
             # Alternating order, so drift (thermal, page cache) does not favour one mode.
             for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
                 port += 1
-                proc = start_service(home, port, args.threads, shadow=mode == "on")
+                shadow = {MODEL: f"{MODEL}@2"} if mode == "on" else {}
+                proc = start_server(
+                    "cellinspect",
+                    home,
+                    port,
+                    args.threads,
+                    model=f"{MODEL}@1",
+                    env={
+                        "CELLINSPECT_SHADOW_MODELS": json.dumps(shadow),
+                        "CELLINSPECT_SHADOW_SHARE": "1.0",
+                    },
+                )
                 try:
                     url = f"http://127.0.0.1:{port}/v1/inspect"
                     wrk(url, 4, args.warmup, script, image_path)  # warm-up

@@ -32,8 +32,12 @@ def _photometric() -> list[A.BasicTransform]:
     ]
 
 
-def build_augmentation(preset: AugmentPreset) -> A.Compose | None:
-    """The training-time transform for `preset`, or None for no augmentation."""
+def build_augmentation(preset: AugmentPreset, seed: int | None = None) -> A.Compose | None:
+    """The training-time transform for `preset`, or None for no augmentation.
+
+    Albumentations keeps its own random state (global seeds do not reach it): `seed` makes
+    the draws repeatable. Loader workers reseed their copy (`reseed_worker_augmentation`).
+    """
     if preset is AugmentPreset.NONE:
         return None
     geometric: list[A.BasicTransform] = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
@@ -50,4 +54,4 @@ def build_augmentation(preset: AugmentPreset) -> A.Compose | None:
             p=0.5,
         )
     )
-    return A.Compose([*geometric, *_photometric()])
+    return A.Compose([*geometric, *_photometric()], seed=seed)

@@ -141,3 +141,13 @@ class PreparedImageDataset(Dataset):
                 image = image[:, :, None]
             image = np.clip(image, 0.0, 1.0)
         return torch.from_numpy(normalize(image, self.spec)), int(self.labels[index])
+
+
+def reseed_worker_augmentation(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: forked workers inherit one augmentation random state and
+    would draw the same sequence; reseed each from its torch worker seed, which derives from
+    the loader's seeded generator, so the draws stay repeatable and differ between workers."""
+    info = torch.utils.data.get_worker_info()
+    augment = getattr(info.dataset, "augment", None) if info is not None else None
+    if augment is not None:
+        augment.set_random_seed(info.seed % 2**32)

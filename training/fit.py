@@ -30,6 +30,7 @@ from cellinspect.training.data import (
     infer_channels,
     load_training_data,
     prepare_all,
+    reseed_worker_augmentation,
 )
 from cellinspect.training.networks import create_model
 
@@ -173,6 +174,7 @@ def build_loaders(
         num_workers=cfg.loader_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.loader_workers > 0,
+        worker_init_fn=reseed_worker_augmentation,
     )
     # Validation images need no augmentation, so the main process normalises them directly.
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=0)
@@ -225,7 +227,9 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
         raise ValueError(f"{data.manifest_path}: no training images for class(es) {missing}")
     inv_freq = counts.sum() / (n_classes * counts)
 
-    train_ds = PreparedImageDataset(train_x, train_y, spec, build_augmentation(cfg.augment))
+    train_ds = PreparedImageDataset(
+        train_x, train_y, spec, build_augmentation(cfg.augment, seed=cfg.seed)
+    )
     val_ds = PreparedImageDataset(val_x, val_y, spec)
     train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, inv_freq, device)
 

@@ -8,16 +8,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from cellinspect.cli.data import synthesize
 from cellinspect.datasets.decode import read_image
 from cellinspect.datasets.manifest import load_manifest
+from cellinspect.datasets.preprocess import PreprocessSpec
 from cellinspect.datasets.samples import Split
 from cellinspect.datasets.synth import SynthKind
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.store import ModelStore
+from cellinspect.training.augment import AugmentPreset, build_augmentation
 from cellinspect.training.config import TrainConfig
-from cellinspect.training.data import PreparedImageDataset, load_training_data, prepare_all
+from cellinspect.training.data import (
+    PreparedImageDataset,
+    load_training_data,
+    prepare_all,
+    reseed_worker_augmentation,
+)
 from cellinspect.training.export import ExportParityError, export_run
 from cellinspect.training.fit import BEST, CONFIG, LAST, METRICS, build_spec, fit
 
@@ -133,3 +141,46 @@ def test_early_stopping_ends_run_when_validation_stalls(tiny_data, tmp_path) -> 
     result = fit(cfg, progress=False)
     assert result.stopped_early
     assert result.epochs_run == 2 and result.best_epoch == 0
+
+
+def _weights_after_one_epoch(data: Path, out: Path, seed: int) -> dict[str, torch.Tensor]:
+    cfg = TrainConfig(
+        data=str(data), out=str(out), epochs=1, img_size=48, batch_size=16, workers=0, seed=seed
+    )
+    fit(cfg, progress=False)
+    return torch.load(cfg.run_dir / LAST, weights_only=False)["model"]
+
+
+def test_training_with_the_same_seed_repeats_exactly(tiny_data, tmp_path) -> None:
+    # Augmentation draws included: albumentations keeps its own random state.
+    first = _weights_after_one_epoch(tiny_data, tmp_path / "a", seed=0)
+    again = _weights_after_one_epoch(tiny_data, tmp_path / "b", seed=0)
+    other = _weights_after_one_epoch(tiny_data, tmp_path / "c", seed=1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_loader_workers_draw_different_but_repeatable_augmentations() -> None:
+    spec = PreprocessSpec(height=32, width=32, channels=1)
+    same_image = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (4, 32, 1))[..., None]
+    dataset = PreparedImageDataset(
+        same_image,
+        np.zeros(4, dtype=np.int64),
+        spec,
+        build_augmentation(AugmentPreset.ISOTROPIC, seed=0),
+    )
+
+    def batches() -> list[torch.Tensor]:
+        loader = DataLoader(
+            dataset,
+            batch_size=2,
+            num_workers=2,
+            generator=torch.Generator().manual_seed(0),
+            worker_init_fn=reseed_worker_augmentation,
+        )
+        return [images for images, _ in loader]
+
+    first, again = batches(), batches()
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    # Batch 0 comes from worker 0 and batch 1 from worker 1: same inputs, other draws.
+    assert not torch.equal(first[0], first[1])

@@ -38,6 +38,12 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(0.5, ge=0)  # linear warm-up, then cosine decay to 0
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Binary tasks: train on the probability in this metadata key (e.g. ELPV's "probability")
+    # instead of the hard label; validation and metrics keep the hard labels.
+    soft_label_key: str | None = None
+    # Exponential moving average of the weights (per step); validated, checkpointed and
+    # exported instead of the raw weights. ~1/(1-decay) steps of memory. None: off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     balance: BalanceMode = BalanceMode.LOSS
     augment: AugmentPreset = AugmentPreset.FLIPS
     patience: int = Field(5, ge=1)  # epochs without validation improvement before stopping

@@ -42,6 +42,35 @@ class TrainingData:
         index = {c: i for i, c in enumerate(self.class_names)}
         return np.array([index[s.label] for s in self.splits[split]], dtype=np.int64)
 
+    def soft_targets(self, split: Split, key: str) -> np.ndarray:
+        """Class-probability targets (N x 2) from each sample's `metadata[key]`, the probability
+        that the image is defective (e.g. ELPV's expert grades 0, 1/3, 2/3, 1): binary tasks
+        only. The hard label must agree with it (defective iff probability > 0.5)."""
+        if len(self.class_names) != 2:
+            raise ValueError(
+                f"{self.manifest_path}: soft_label_key needs two classes (good and defective), "
+                f"not {len(self.class_names)}"
+            )
+        good = self.class_names.index(self.good_class)
+        targets = np.empty((len(self.splits[split]), 2), dtype=np.float32)
+        for row, sample in enumerate(self.splits[split]):
+            raw = sample.metadata.get(key)
+            try:
+                p = float(raw)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{sample.path}: metadata {key!r} is {raw!r}, not a defect probability"
+                ) from None
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{sample.path}: metadata {key!r} = {p} is outside [0, 1]")
+            if (p > 0.5) != (sample.label != self.good_class):
+                raise ValueError(
+                    f"{sample.path}: label {sample.label!r} disagrees with {key!r} = {p} "
+                    f"(defective iff > 0.5)"
+                )
+            targets[row, good], targets[row, 1 - good] = 1.0 - p, p
+        return targets
+
 
 def resolve_manifest(cfg: TrainConfig) -> tuple[Manifest, Path]:
     """Use the source's manifest, or build one (hashes + stratified split) into the run dir."""
@@ -121,26 +150,37 @@ class PreparedImageDataset(Dataset):
     """Prepared images + labels; augmentation (train) then the contract's normalize()."""
 
     def __init__(
-        self, prepared: np.ndarray, labels: np.ndarray, spec: PreprocessSpec, augment=None
+        self,
+        prepared: np.ndarray,
+        labels: np.ndarray,
+        spec: PreprocessSpec,
+        augment=None,
+        targets: np.ndarray | None = None,
     ) -> None:
-        if len(prepared) != len(labels):
-            raise ValueError("images and labels differ in length")
+        if len(prepared) != len(labels) or (targets is not None and len(targets) != len(labels)):
+            raise ValueError("images, labels and targets differ in length")
         self.prepared = prepared
-        self.labels = labels
+        self.labels = labels  # class indices: sampler weights, metrics
+        self.targets = targets  # class probabilities (N x C) to train on instead, if given
         self.spec = spec
         self.augment = augment
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         image = self.prepared[index]
         if self.augment is not None:
             image = self.augment(image=image)["image"]
             if image.ndim == 2:  # some albumentations ops drop a trailing 1-channel axis
                 image = image[:, :, None]
             image = np.clip(image, 0.0, 1.0)
-        return torch.from_numpy(normalize(image, self.spec)), int(self.labels[index])
+        target = (
+            int(self.labels[index])
+            if self.targets is None
+            else torch.from_numpy(self.targets[index])
+        )
+        return torch.from_numpy(normalize(image, self.spec)), target
 
 
 def reseed_worker_augmentation(worker_id: int) -> None:

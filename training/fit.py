@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
@@ -110,8 +111,10 @@ def train_one_epoch(
     desc: str,
     progress: bool,
     memory_format: torch.memory_format = torch.contiguous_format,
+    ema: AveragedModel | None = None,
 ) -> tuple[float, int, float]:
-    """One pass over `loader`; returns (mean loss, images seen, seconds)."""
+    """One pass over `loader` (updating `ema` after each step); returns (mean loss, images
+    seen, seconds)."""
     model.train()
     seen, loss_sum, start = 0, 0.0, time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False)
@@ -128,6 +131,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         scheduler.step()
         seen += len(y)
         loss_sum += loss.item() * len(y)
@@ -227,8 +232,11 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
         raise ValueError(f"{data.manifest_path}: no training images for class(es) {missing}")
     inv_freq = counts.sum() / (n_classes * counts)
 
+    train_targets = (
+        data.soft_targets(Split.TRAIN, cfg.soft_label_key) if cfg.soft_label_key else None
+    )
     train_ds = PreparedImageDataset(
-        train_x, train_y, spec, build_augmentation(cfg.augment, seed=cfg.seed)
+        train_x, train_y, spec, build_augmentation(cfg.augment, seed=cfg.seed), train_targets
     )
     val_ds = PreparedImageDataset(val_x, val_y, spec)
     train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, inv_freq, device)
@@ -238,6 +246,13 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
     )
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
+    # The averaged copy (buffers too: BatchNorm statistics) is what is validated and exported.
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        if cfg.ema_decay
+        else None
+    )
+    evaluated = ema.module if ema is not None else model
     class_weight = (
         torch.as_tensor(inv_freq, dtype=torch.float32, device=device)
         if cfg.balance is BalanceMode.LOSS
@@ -269,7 +284,10 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
             or state["preprocessing"] != extra["preprocessing"]
         ):
             raise ValueError(f"{run_dir / LAST}: checkpoint was made for other classes or input")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("train_model", state["model"]))
+        if ema is not None:
+            ema.module.load_state_dict(state["model"])
+            ema.n_averaged.fill_(state.get("ema_updates", 1))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -294,9 +312,14 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
             desc,
             progress,
             memory_format,
+            ema,
         )
         rates.append(seen / seconds)
-        record = {"epoch": epoch, "train_loss": loss, **validate(model, val_loader, val_y, device)}
+        record = {
+            "epoch": epoch,
+            "train_loss": loss,
+            **validate(evaluated, val_loader, val_y, device),
+        }
         record.update(
             lr=float(scheduler.get_last_lr()[0]),
             train_images_per_s=seen / seconds,
@@ -309,8 +332,15 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
             best, stale = {"macro_f1": record["val_macro_f1"], "epoch": epoch}, 0
         else:
             stale += 1
+        # With EMA, "model" holds the averaged weights (the ones exported), "train_model" the
+        # raw ones that resuming continues from.
+        raw = (
+            {"train_model": model.state_dict(), "ema_updates": int(ema.n_averaged)}
+            if ema is not None
+            else {}
+        )
         state = checkpoint_state(
-            model, optimizer, scheduler, scaler, epoch, best, {**extra, "stale": stale}
+            evaluated, optimizer, scheduler, scaler, epoch, best, {**extra, **raw, "stale": stale}
         )
         if improved:
             save_atomic(state, run_dir / BEST)

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 class Arch(StrEnum):
     RESNET18 = "resnet18"
+    RESNET34 = "resnet34"  # larger configurations, for GPU training
+    RESNET50 = "resnet50"
     MOBILENET_V3_SMALL = "mobilenet_v3_small"
     MOBILENET_V3_LARGE = "mobilenet_v3_large"
     EFFICIENTNET_B0 = "efficientnet_b0"
@@ -30,6 +32,8 @@ class Arch(StrEnum):
 
 _BUILDERS: dict[Arch, Callable[..., nn.Module]] = {
     Arch.RESNET18: tvm.resnet18,
+    Arch.RESNET34: tvm.resnet34,
+    Arch.RESNET50: tvm.resnet50,
     Arch.MOBILENET_V3_SMALL: tvm.mobilenet_v3_small,
     Arch.MOBILENET_V3_LARGE: tvm.mobilenet_v3_large,
     Arch.EFFICIENTNET_B0: tvm.efficientnet_b0,

@@ -9,9 +9,13 @@ would turn an uncoated streak into something that never occurs on the line.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 import albumentations as A
+import numpy as np
+import torch
+from torch.nn import functional
 
 
 class AugmentPreset(StrEnum):
@@ -55,3 +59,43 @@ def build_augmentation(preset: AugmentPreset, seed: int | None = None) -> A.Comp
         )
     )
     return A.Compose([*geometric, *_photometric()], seed=seed)
+
+
+class BatchMixer:
+    """MixUp (Zhang et al., 2018) or CutMix (Yun et al., 2019) on a training batch, with
+    probability targets; each batch picks one of the enabled ones (alpha > 0).
+
+    Written here rather than taken from torchvision.transforms.v2.MixUp/CutMix: those take
+    class indices only, and soft targets (expert defect probabilities) must be mixed as
+    probabilities. Draws come from a seeded generator, so runs repeat.
+    """
+
+    def __init__(
+        self, num_classes: int, *, mixup_alpha: float, cutmix_alpha: float, seed: int
+    ) -> None:
+        self.num_classes = num_classes
+        self.alphas = [
+            (kind, a) for kind, a in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if a > 0
+        ]
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if y.ndim == 1:
+            y = functional.one_hot(y, self.num_classes).to(torch.float32)
+        if not self.alphas or len(x) < 2:
+            return x, y
+        kind, alpha = self.alphas[self.rng.integers(len(self.alphas))]
+        lam = float(self.rng.beta(alpha, alpha))
+        perm = torch.from_numpy(self.rng.permutation(len(x))).to(x.device)
+        if kind == "mixup":
+            x = lam * x + (1.0 - lam) * x[perm]
+        else:  # paste a box of area (1 - lam) from the partner image; lam = what is left
+            height, width = x.shape[-2:]
+            cut = math.sqrt(1.0 - lam)
+            cy, cx = self.rng.integers(height), self.rng.integers(width)
+            y0, y1 = max(cy - round(height * cut / 2), 0), min(cy + round(height * cut / 2), height)
+            x0, x1 = max(cx - round(width * cut / 2), 0), min(cx + round(width * cut / 2), width)
+            x = x.clone()
+            x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+        return x, lam * y + (1.0 - lam) * y[perm]

@@ -44,6 +44,9 @@ class TrainConfig(BaseModel):
     # Exponential moving average of the weights (per step); validated, checkpointed and
     # exported instead of the raw weights. ~1/(1-decay) steps of memory. None: off.
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    # Batch mixing (Beta(alpha, alpha) mixing weights; 0: off; both on: one per batch).
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
     balance: BalanceMode = BalanceMode.LOSS
     augment: AugmentPreset = AugmentPreset.FLIPS
     patience: int = Field(5, ge=1)  # epochs without validation improvement before stopping

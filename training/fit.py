@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cellinspect.datasets.preprocess import PreprocessSpec
 from cellinspect.datasets.samples import Split
-from cellinspect.training.augment import build_augmentation
+from cellinspect.training.augment import BatchMixer, build_augmentation
 from cellinspect.training.config import BalanceMode, TrainConfig
 from cellinspect.training.data import (
     PreparedImageDataset,
@@ -112,6 +112,7 @@ def train_one_epoch(
     progress: bool,
     memory_format: torch.memory_format = torch.contiguous_format,
     ema: AveragedModel | None = None,
+    mixer: BatchMixer | None = None,
 ) -> tuple[float, int, float]:
     """One pass over `loader` (updating `ema` after each step); returns (mean loss, images
     seen, seconds)."""
@@ -121,6 +122,8 @@ def train_one_epoch(
     for x, y in bar:
         x = x.to(device, non_blocking=True, memory_format=memory_format)
         y = y.to(device, non_blocking=True)
+        if mixer is not None:
+            x, y = mixer(x, y)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
             loss = criterion(model(x), y)
@@ -253,6 +256,13 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
         else None
     )
     evaluated = ema.module if ema is not None else model
+    mixer = (
+        BatchMixer(
+            n_classes, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, seed=cfg.seed
+        )
+        if cfg.mixup_alpha or cfg.cutmix_alpha
+        else None
+    )
     class_weight = (
         torch.as_tensor(inv_freq, dtype=torch.float32, device=device)
         if cfg.balance is BalanceMode.LOSS
@@ -313,6 +323,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
             progress,
             memory_format,
             ema,
+            mixer,
         )
         rates.append(seen / seconds)
         record = {

@@ -83,9 +83,10 @@ def test_soft_targets_refuse_probabilities_outside_zero_one(tmp_path) -> None:
         data.soft_targets(Split.TRAIN, "p")
 
 
-def test_fit_trains_on_soft_targets_with_class_weights_and_smoothing(tmp_path) -> None:
+def test_fit_trains_on_soft_targets_with_weights_smoothing_and_mixing(tmp_path) -> None:
     manifest = graded_set(tmp_path / "data")
-    cfg = config(manifest, tmp_path / "run", soft_label_key="p", label_smoothing=0.1)
+    mixing = {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}
+    cfg = config(manifest, tmp_path / "run", soft_label_key="p", label_smoothing=0.1, **mixing)
     result = fit(cfg, progress=False)
     assert result.epochs_run == 1 and result.best_val_macro_f1 >= 0
 

@@ -139,6 +139,11 @@ class MicroBatcher(Generic[RowT]):
         """Items waiting for a batch (including ones whose callers already gave up)."""
         return len(self._queue)
 
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches handed to the worker thread(s) and not finished."""
+        return len(self._in_flight)
+
     async def start(self) -> None:
         """Start the collector task and the worker thread (idempotent)."""
         if self._task is not None:

@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     # served model, run beside it on live images and recorded, never the answer.
     shadow_models: dict[str, str] = Field(default_factory=dict)
     shadow_share: float = Field(1.0, ge=0, le=1)  # share of inspections also run on the candidate
-    # A shadow run starts only while at most this many live images wait for the served models.
+    # A shadow run starts only while the served models hold at most this many live images
+    # waiting plus batches running: 0 = only while they are idle.
     shadow_max_primary_queue: int = Field(0, ge=0)
     # ORT threads per candidate: 1 keeps all its work in its batcher's niced worker thread;
     # ORT's extra threads, with more, run at normal priority.

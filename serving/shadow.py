@@ -6,9 +6,10 @@ preprocessed tensor (re-preprocessed from the decoded image when the candidate's
 differs). The candidate's label and verdict go into the shadow metrics and, through the
 records writer, into that inspection's record. Live traffic always comes first:
 
-- a shadow run starts only while at most `shadow_max_primary_queue` images wait for the
-  served models, and while the candidate's own small backlog has room; otherwise it is
-  dropped and counted (`cellinspect_shadow_dropped_total{reason}`), never queued;
+- a shadow run starts only while the served models hold at most `shadow_max_primary_queue`
+  live images waiting plus batches running (0, the default: only while they are idle), and
+  while the candidate's own small backlog has room; otherwise it is dropped and counted
+  (`cellinspect_shadow_dropped_total{reason}`), never queued;
 - the candidate runs in its own micro-batcher whose worker thread is niced to the lowest
   priority, on `shadow_intra_op_threads` ORT threads (1: all its work stays in that thread),
   so the kernel gives the cores to live batches first; re-preprocessing, when needed, runs
@@ -99,7 +100,12 @@ class ShadowRunner:
             candidate = self.registry.candidate(primary.name)
             if candidate is None or self._rng.random() >= self.share:
                 return
-            if sum(e.batcher.queue_depth for e in self.registry.list()) > self.max_primary_queue:
+            # A batch in flight counts as busy too: on a small box a shadow run started beside
+            # it takes CPU time (or a hyperthread sibling) that the live batch needs.
+            live = sum(
+                e.batcher.queue_depth + e.batcher.batches_in_flight for e in self.registry.list()
+            )
+            if live > self.max_primary_queue:
                 self._drop(primary.name, DropReason.PRIMARY_BUSY)
                 return
             # Waiting in its queue plus one batch running: more would only queue stale work.

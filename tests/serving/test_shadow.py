@@ -214,11 +214,15 @@ def test_a_failing_candidate_leaves_the_answer_alone_and_is_counted(
         assert record(client, body["inspection_id"])["shadow_verdict"] is None
 
 
-def test_no_shadow_run_while_live_images_wait(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("busy_with", ["queue_depth", "batches_in_flight"])
+def test_no_shadow_run_while_live_images_wait_or_run(
+    home: Path, monkeypatch: pytest.MonkeyPatch, busy_with: str
+) -> None:
     with TestClient(create_app(shadow_settings(home))) as client:
         service = client.app.state.service  # type: ignore[attr-defined]
-        # Every batcher reports one image waiting: more than shadow_max_primary_queue (0).
-        monkeypatch.setattr(MicroBatcher, "queue_depth", property(lambda _self: 1))
+        # Every batcher reports one image waiting, or one batch running, when the inspection
+        # is offered: more than shadow_max_primary_queue (0).
+        monkeypatch.setattr(MicroBatcher, busy_with, property(lambda _self: 1))
         body = inspect(client, DARK)
         assert service.shadow.pending == 0
         busy = metric(

@@ -22,6 +22,7 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,18 @@ def from_store(label: str, store: ModelStore, ref: str) -> Contender:
     return Contender(
         f"{label} {card.name}@{card.version}", path, card.preprocessing, card.class_names
     )
+
+
+def without_heatmap(c: Contender, folder: Path) -> Contender:
+    """The same model cut down to its logits and probabilities (onnx.utils.extract_model):
+    ONNX Runtime runs every node of a graph, whichever outputs a call asks for."""
+    import onnx.utils
+
+    out = folder / f"{c.label.split()[0].lower()}-no-heatmap.onnx"
+    onnx.utils.extract_model(
+        str(c.onnx_path), str(out), [INPUT_NAME], [LOGITS_NAME, "probabilities"]
+    )
+    return Contender(f"{c.label} (no heatmap)", out, c.spec, c.class_names)
 
 
 def images_per_s(session, batch: np.ndarray, runs: int, run_seconds: float) -> float:
@@ -158,6 +171,9 @@ def main() -> None:
     parser.add_argument("--run-seconds", type=float, default=1.0, help="length of one run")
     parser.add_argument("--manifest", type=Path, help="also score both on this manifest's split")
     parser.add_argument("--split", default=Split.TEST.value, help="test, val, train or all")
+    parser.add_argument(
+        "--without-heatmap", action="store_true", help="time both without the heatmap output"
+    )
     args = parser.parse_args()
 
     if args.fp32_onnx and args.int8_onnx and not args.refs:
@@ -173,6 +189,9 @@ def main() -> None:
     if fp32.spec != int8.spec or fp32.class_names != int8.class_names:
         parser.error("the two models differ in preprocessing or classes: not a quantized pair")
 
+    if args.without_heatmap:
+        folder = Path(tempfile.mkdtemp(prefix="bench-int8-"))
+        fp32, int8 = without_heatmap(fp32, folder), without_heatmap(int8, folder)
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     print(f"## FP32 vs INT8 on {cpu_line()}\n")

@@ -38,10 +38,14 @@ def test_pointing_game_counts_peaks_on_the_mask() -> None:
     assert pointing_game(maps, masks) == (2, 3)
 
 
-def test_pointing_game_tolerance_is_a_square_around_the_peak() -> None:
+def test_pointing_game_tolerance_is_a_disc_around_the_peak() -> None:
     maps, mask = spot(8, 8)[None], box(2, 2, 3)[None]  # mask covers rows/cols 2..4
-    assert pointing_game(maps, mask, tolerance=3) == (0, 1)  # 8 - 3 = 5: one short
-    assert pointing_game(maps, mask, tolerance=4) == (1, 1)  # reaches the corner (4, 4)
+    # The nearest mask pixel, (4, 4), lies 4 rows and 4 columns away: sqrt(32) = 5.66.
+    assert pointing_game(maps, mask, tolerance=5) == (0, 1)
+    assert pointing_game(maps, mask, tolerance=6) == (1, 1)
+    straight = box(8, 0, 3)[None]  # nearest pixel (8, 2): 6 columns away on the same row
+    assert pointing_game(maps, straight, tolerance=5) == (0, 1)
+    assert pointing_game(maps, straight, tolerance=6) == (1, 1)
 
 
 def test_a_map_without_positive_values_points_nowhere() -> None:

@@ -3,6 +3,7 @@
 #
 #   eval "$(.ci/postgres.sh)"      # install if needed, start, print the export line
 #   .ci/postgres.sh stop           # stop it (the data folder stays for the next start)
+#   .ci/postgres.sh stop immediate # stop it as a crash would (no checkpoint; WAL replay at start)
 #   .ci/postgres.sh destroy        # stop it and delete the data folder
 #
 # Idempotent: an already running cluster is reused. Progress goes to stderr; stdout holds
@@ -56,7 +57,12 @@ pg_ctl_() { as_owner "$BINDIR/pg_ctl" -D "$DATA" "$@"; }
 
 case "${1:-start}" in
     stop)
-        [[ -f "$DATA/postmaster.pid" ]] && pg_ctl_ -m fast -w stop >&2
+        MODE="${2:-fast}"
+        case "$MODE" in
+            smart | fast | immediate) ;;
+            *) say "unknown stop mode $MODE; valid: smart, fast, immediate"; exit 2 ;;
+        esac
+        [[ -f "$DATA/postmaster.pid" ]] && pg_ctl_ -m "$MODE" -w stop >&2
         exit 0
         ;;
     destroy)

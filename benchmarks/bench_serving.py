@@ -15,6 +15,7 @@ depend on the weights) and `wrk` (Debian package).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -102,8 +103,9 @@ def in_process_limit(
     return done / (time.perf_counter() - start)
 
 
-def wait_ready(url: str, proc: subprocess.Popen) -> None:
-    for _ in range(600):
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
@@ -112,7 +114,7 @@ def wait_ready(url: str, proc: subprocess.Popen) -> None:
                     return
         except OSError:
             time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready")
+    raise RuntimeError(f"{url} not ready after {timeout_s:g} s")
 
 
 def start_server(
@@ -123,10 +125,16 @@ def start_server(
     *,
     model: str = MODEL,
     env: dict[str, str] | None = None,
+    log: Path | None = None,
+    new_session: bool = False,
+    ready_timeout_s: float = 120.0,
+    workers: int = 1,
 ) -> subprocess.Popen:
     """`naive` or `cellinspect` serving `model` on `port`, returned once /readyz answers.
 
-    `env` adds settings (e.g. CELLINSPECT_SHADOW_MODELS) to the server's environment.
+    `env` adds settings (e.g. CELLINSPECT_SHADOW_MODELS) to the server's environment;
+    `log` appends its output to that file (default: discarded); `new_session` puts it in
+    its own process group, so killing the group takes uvicorn's `workers` with it.
     """
     env = {
         **os.environ,
@@ -159,15 +167,32 @@ def start_server(
             model,
             "--port",
             str(port),
+            *(["--workers", str(workers)] if workers > 1 else []),
         ]
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+    log_file = open(log, "ab") if log is not None else None  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log_file or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parents[1],
+            start_new_session=new_session,
+        )
+    finally:
+        if log_file is not None:
+            log_file.close()  # the child holds its own descriptor
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", proc, ready_timeout_s)
+    except BaseException:
+        # A server that never got ready must not outlive the caller (it holds the port).
+        if new_session:
+            with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+                os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+        raise
     return proc
 
 

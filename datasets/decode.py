@@ -1,6 +1,7 @@
 """Image decoding with limits: bytes or files -> uint8/uint16 numpy arrays (gray, RGB, RGBA).
 
-The header is read first (Pillow, lazily, no pixels) so that oversized images are refused
+The container's skeleton is checked first (`containers`: bounded chunk and marker walks),
+then the header is read (Pillow, lazily, no pixels) so that oversized images are refused
 before any allocation; pixels are then decoded by OpenCV, which releases the GIL and so
 scales across a thread pool. Every failure is a typed `ImageDecodeError` naming the file.
 """
@@ -8,6 +9,7 @@ scales across a thread pool. Every failure is a typed `ImageDecodeError` naming 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
@@ -15,12 +17,19 @@ import cv2
 import numpy as np
 from PIL import BmpImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
 
+from cellinspect.datasets.containers import (
+    PngLayout,
+    check_jpeg,
+    check_png,
+    check_png_inflation,
+    check_tiff,
+    tiff_buffer_pixels,
+)
 from cellinspect.datasets.errors import (
     DataError,
     EmptyImageError,
     ImageDecodeError,
     ImageTooLargeError,
-    TruncatedImageError,
     UnsupportedImageError,
 )
 
@@ -70,8 +79,14 @@ _PIL_CLASSES: dict[ImageFormat, type[ImageFile.ImageFile]] = {
     ImageFormat.TIFF: TiffImagePlugin.TiffImageFile,
 }
 
-_PNG_IEND = b"IEND\xaeB`\x82"
-_JPEG_EOI = b"\xff\xd9"
+
+@dataclass(frozen=True)
+class _Header:
+    format: ImageFormat
+    width: int
+    height: int
+    buffer_pixels: int  # what the decoder allocates and fills; a TIFF's tiles round it up
+    png: PngLayout | None = None
 
 
 def _sniff(data: bytes, source: str | None) -> ImageFormat:
@@ -87,52 +102,80 @@ def _sniff(data: bytes, source: str | None) -> ImageFormat:
     raise UnsupportedImageError(f"{what} (supported: {SUPPORTED_FORMATS})", source)
 
 
-def _is_truncated(data: bytes, fmt: ImageFormat) -> bool:
-    """True when a JPEG lacks its EOI marker or a PNG its IEND chunk."""
-    if fmt is ImageFormat.JPEG:
-        # Some encoders pad files with zeros after EOI; libjpeg would silently fill a
-        # truncated scan with gray, so a missing EOI must be caught here.
-        return not data.rstrip(b"\x00").endswith(_JPEG_EOI)
+def _read_header(data: bytes, source: str | None) -> _Header:
+    """Container checks first (they bound what Pillow's parser walks), then Pillow's header."""
+    if not data:
+        raise EmptyImageError("empty image data (0 bytes)", source)
+    fmt = _sniff(data, source)
+    png = None
     if fmt is ImageFormat.PNG:
-        # Allow a little trailing junk (some tools append a newline or padding).
-        return _PNG_IEND not in data[-64:]
-    return False
+        png = check_png(data, source=source)
+    elif fmt is ImageFormat.JPEG:
+        check_jpeg(data, source=source)
+    elif fmt is ImageFormat.TIFF:
+        check_tiff(data, source=source)
+    tile = None
+    try:
+        with _PIL_CLASSES[fmt](io.BytesIO(data)) as im:
+            width, height = im.size
+            if isinstance(im, TiffImagePlugin.TiffImageFile):
+                tags = im.tag_v2
+                if TiffImagePlugin.TILEWIDTH in tags:
+                    tile = (
+                        int(tags[TiffImagePlugin.TILEWIDTH]),
+                        int(tags.get(TiffImagePlugin.TILELENGTH, 0)),
+                    )
+    except Image.DecompressionBombError as exc:  # defensive: should Pillow move its check
+        raise ImageTooLargeError(f"{fmt} image too large ({exc})", source) from exc
+    except Exception as exc:  # Pillow raises many types for bad headers; all mean "unreadable"
+        raise ImageDecodeError(f"cannot read {fmt} header ({exc})", source) from exc
+    width, height = int(width), int(height)
+    return _Header(fmt, width, height, tiff_buffer_pixels(width, height, tile), png)
 
 
 def read_image_size(data: bytes, *, source: str | None = None) -> tuple[str, int, int]:
     """(format, width, height) from the header alone; no pixels are decoded."""
-    if not data:
-        raise EmptyImageError("empty image data (0 bytes)", source)
-    fmt = _sniff(data, source)
-    try:
-        with _PIL_CLASSES[fmt](io.BytesIO(data)) as im:
-            width, height = im.size
-    except Image.DecompressionBombError as exc:  # defensive: should Pillow move its check
-        raise ImageTooLargeError(f"{fmt} image too large ({exc})", source) from exc
-    except Exception as exc:  # Pillow raises many types for bad headers; all mean "unreadable"
-        if _is_truncated(data, fmt):
-            raise TruncatedImageError(f"{fmt} data is truncated ({exc})", source) from exc
-        raise ImageDecodeError(f"cannot read {fmt} header ({exc})", source) from exc
-    return str(fmt), int(width), int(height)
+    header = _read_header(data, source)
+    return str(header.format), header.width, header.height
 
 
 def decode_image(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str | None = None
 ) -> np.ndarray:
     """Encoded bytes -> uint8/uint16 HxW (gray), HxWx3 (RGB) or HxWx4 (RGBA)."""
-    fmt, width, height = read_image_size(data, source=source)
+    header = _read_header(data, source)
+    fmt, width, height = header.format, header.width, header.height
     if width * height > max_pixels:
         raise ImageTooLargeError(
             f"{fmt} image of {width}x{height} = {width * height:,} pixels exceeds the limit "
             f"of {max_pixels:,} pixels",
             source,
         )
-    if _is_truncated(data, ImageFormat(fmt)):
-        marker = "EOI marker (FF D9)" if fmt == ImageFormat.JPEG else "IEND chunk"
-        raise TruncatedImageError(f"{fmt} data is truncated: no {marker} at the end", source)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if header.buffer_pixels > max_pixels:
+        raise ImageTooLargeError(
+            f"{fmt} image of {width}x{height} is stored in tiles that make the decoder fill "
+            f"{header.buffer_pixels:,} pixels, over the limit of {max_pixels:,} pixels",
+            source,
+        )
+    if header.png is not None:
+        check_png_inflation(data, header.png, source=source)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # OpenCV asserts on some headers that Pillow accepted
+        reason = str(getattr(exc, "err", "") or "refused by OpenCV")
+        raise ImageDecodeError(
+            f"cannot decode {fmt} image data ({width}x{height}): {reason}", source
+        ) from None
     if image is None:
         raise ImageDecodeError(f"cannot decode {fmt} image data ({width}x{height})", source)
+    if image.shape[:2] != (height, width):
+        # Two parsers read the header: were they ever to disagree, the limit checked above
+        # would not be the one the pixels obeyed.
+        raise ImageDecodeError(
+            f"{fmt} header says {width}x{height} but the data decodes to "
+            f"{image.shape[1]}x{image.shape[0]}",
+            source,
+        )
     if fmt == ImageFormat.TIFF and image.dtype == np.uint8 and image.shape[2:] == (4,):
         return _decode_tiff_rgba(data, source)
     return _to_rgb(image, fmt, source)

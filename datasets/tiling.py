@@ -56,13 +56,20 @@ def _axis_starts(length: int, tile: int, overlap: float) -> tuple[list[int], int
 
 
 def tile_grid(
-    height: int, width: int, tile_h: int, tile_w: int, overlap: float = 0.25
+    height: int,
+    width: int,
+    tile_h: int,
+    tile_w: int,
+    overlap: float = 0.25,
+    *,
+    max_tiles: int | None = None,
 ) -> list[Tile]:
     """Row-major tiles covering every pixel of a height x width frame.
 
     Neighbouring tiles overlap by at least `overlap` of the tile side; the last row and
     column are aligned to the frame's edge (so they may overlap more). Along an axis
     shorter than the tile, one tile spans the whole axis (preprocessing resizes it).
+    More than `max_tiles` tiles is a ValueError, raised before any tile is built.
     """
     if not 0.0 <= overlap < MAX_OVERLAP:
         raise ValueError(f"overlap must be in [0, {MAX_OVERLAP}), got {overlap}")
@@ -72,6 +79,12 @@ def tile_grid(
         raise ValueError(f"tile must be at least 1x1 px, got {tile_w}x{tile_h} (w x h)")
     ys, th = _axis_starts(height, tile_h, overlap)
     xs, tw = _axis_starts(width, tile_w, overlap)
+    if max_tiles is not None and len(ys) * len(xs) > max_tiles:
+        raise ValueError(
+            f"a {width}x{height} frame in {tile_w}x{tile_h} tiles at overlap {overlap} needs "
+            f"{len(ys) * len(xs):,} tiles, over the limit of {max_tiles:,}; lower the overlap "
+            "or send a smaller frame"
+        )
     return [Tile(x, y, tw, th) for y in ys for x in xs]
 
 

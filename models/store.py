@@ -55,6 +55,11 @@ class AliasAction(StrEnum):
     ROLLBACK = "rollback"
 
 
+def is_version_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def validate_name(name: str, what: str = "model name") -> str:
     """Return `name` if it is a safe store name, else raise ValueError saying what is allowed."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
@@ -69,7 +74,7 @@ def validate_name(name: str, what: str = "model name") -> str:
 def validate_alias(alias: str) -> str:
     """Aliases follow model-name rules and must not be all digits (those select versions)."""
     validate_name(alias, "alias")
-    if alias.isdigit():
+    if is_version_number(alias):
         raise ValueError(f"invalid alias {alias!r}: an all-digit alias would read as a version")
     return alias
 
@@ -91,7 +96,7 @@ def parse_model_ref(text: str) -> ModelRef:
     validate_name(name)
     if not sep:
         return ModelRef(name)
-    if selector.isdigit():
+    if is_version_number(selector):
         if int(selector) < 1:
             raise ValueError(f"invalid version in {text!r}: versions start at 1")
         return ModelRef(name, str(int(selector)))
@@ -203,7 +208,7 @@ class ModelStore:
         if not model_dir.is_dir():
             return []
         # Only renamed-into-place directories have all-digit names; temp dirs start with '.'.
-        found = [p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        found = [p.name for p in model_dir.iterdir() if p.is_dir() and is_version_number(p.name)]
         return sorted(found, key=int)
 
     def aliases(self, name: str) -> dict[str, str]:
@@ -245,7 +250,7 @@ class ModelStore:
         aliases = self.aliases(ref.name)
         if ref.selector is None:
             return ref.name, aliases.get(PRODUCTION, versions[-1])
-        if ref.selector.isdigit():
+        if is_version_number(ref.selector):
             version = str(int(ref.selector))
             if version not in versions:
                 raise ModelNotFoundError(
@@ -378,7 +383,7 @@ class ModelStore:
             previous = aliases.get(alias)
             if action is AliasAction.ROLLBACK:
                 target = self._rollback_target(name, alias)
-            elif str(version).isdigit():
+            elif is_version_number(str(version)):
                 target = str(int(str(version)))
             else:
                 raise ValueError(f"version must be a positive integer, got {version!r}")

@@ -47,7 +47,9 @@ def _build_service(settings: Settings) -> Service:
             retention_days=settings.archive_retention_days,
         ),
         decoder=DecodePool(
-            settings.decode_workers or settings.cores, max_waiting=settings.decode_queue_size
+            settings.decode_workers or settings.cores,
+            max_waiting=settings.decode_queue_size,
+            max_frames=settings.max_frames_in_flight,
         ),
         auth=ApiKeyAuth(settings),
         metrics=metrics,

@@ -19,9 +19,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -165,6 +166,52 @@ class ModelEngine:
         return self.batcher.batches_run, self.batcher.items_run
 
 
+# The fewest warm-up inputs: black, white and mid-gray images, then noise (see probe_inputs).
+PROBE_IMAGES = 4
+_FLAT_PROBES = {"black": 0, "white": 255, "mid-gray": 128}
+
+
+def probe_inputs(spec: PreprocessSpec, count: int) -> np.ndarray:
+    """`count` >= PROBE_IMAGES model inputs made from images as the line's are (through the
+    card's preprocessing): black, white, mid-gray, then seeded uniform noise."""
+    shape = (spec.height, spec.width, spec.channels)
+    images = [np.full(shape, value, np.uint8) for value in _FLAT_PROBES.values()]
+    rng = np.random.default_rng(0)
+    images += [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(count - len(images))]
+    return np.stack([preprocess(image, spec) for image in images])
+
+
+def _failed_probes(output: np.ndarray, first: int) -> str:
+    """Which probe images (rows of `output`, the first being probe `first`) gave NaN/inf."""
+    names = list(_FLAT_PROBES)
+    rows = np.flatnonzero(~np.isfinite(output.reshape(len(output), -1)).all(axis=1)) + first
+    kinds = dict.fromkeys(names[i] if i < len(names) else "noise" for i in rows)
+    return f"the {', '.join(kinds)} probe image(s)"
+
+
+def _check_outputs(loaded: LoadedModel, batch: np.ndarray, *, first: int) -> None:
+    """Run a warm-up batch; ModelLoadError unless every output has its shape and is finite."""
+    card = loaded.card
+    n = len(batch)
+    expected: dict[str, tuple[int, ...]] = {LOGITS_NAME: (n, len(card.class_names))}
+    if loaded.has_heatmap:
+        expected[HEATMAP_NAME] = (n, card.preprocessing.height, card.preprocessing.width)
+        outputs = dict(zip(expected, loaded.run_with_heatmaps(batch), strict=True))
+    else:
+        outputs = {LOGITS_NAME: loaded.predict_logits(batch, batch_size=n)}
+    for name, shape in expected.items():
+        if outputs[name].shape != shape:
+            raise ModelLoadError(
+                f"{loaded.source}: warm-up batch gave {name} of shape "
+                f"{outputs[name].shape}, expected {shape}"
+            )
+        if not np.isfinite(outputs[name]).all():
+            raise ModelLoadError(
+                f"{loaded.source}: warm-up batch gave non-finite {name} (NaN/inf) on "
+                f"{_failed_probes(outputs[name], first)}; refusing to serve it"
+            )
+
+
 class ModelRegistry:
     """The served models by name; the first configured one is the default."""
 
@@ -213,26 +260,14 @@ class ModelRegistry:
         # LoadedModel checks input/output names and shapes against the card.
         loaded = LoadedModel(card, session, source=f"{card.name}@{card.version} ({onnx_path})")
         loaded.warmup(1)
-        # The largest batch the batcher will send, through the outputs it fetches: allocates
-        # their buffers now, not on a request.
+        # Batches of the largest size the batcher sends, through the outputs it fetches:
+        # allocates their buffers now, not on a request. The inputs are images of the kinds a
+        # line sends (black, white, noise), not zeros alone: a model can be finite on the
+        # mean image and NaN on a bright one, and a NaN verdict must never reach the line.
         size = self.settings.max_batch_size
-        zeros = np.zeros((size, *card.preprocessing.input_shape), np.float32)
-        expected: dict[str, tuple[int, ...]] = {LOGITS_NAME: (size, len(card.class_names))}
-        if loaded.has_heatmap:
-            expected[HEATMAP_NAME] = (size, card.preprocessing.height, card.preprocessing.width)
-            outputs = dict(zip(expected, loaded.run_with_heatmaps(zeros), strict=True))
-        else:
-            outputs = {LOGITS_NAME: loaded.predict_logits(zeros, batch_size=size)}
-        for name, shape in expected.items():
-            if outputs[name].shape != shape:
-                raise ModelLoadError(
-                    f"{loaded.source}: warm-up batch gave {name} of shape "
-                    f"{outputs[name].shape}, expected {shape}"
-                )
-            if not np.isfinite(outputs[name]).all():
-                raise ModelLoadError(
-                    f"{loaded.source}: warm-up batch gave non-finite {name} (NaN/inf)"
-                )
+        probes = probe_inputs(card.preprocessing, max(size, PROBE_IMAGES))
+        for start in range(0, len(probes), size):
+            _check_outputs(loaded, probes[start : start + size], first=start)
         return loaded
 
     def _engine(self, loaded: LoadedModel, *, background: bool = False) -> ModelEngine:
@@ -349,12 +384,39 @@ class ModelRegistry:
 
     # ---- reload -------------------------------------------------------------------------
 
-    async def reload(self, name: str, selector: str | None = None) -> tuple[str, str]:
+    async def check_servable(self, ref: str) -> None:
+        """Load, verify and warm `ref` as a reload would, then let it go; nothing served changes.
+
+        Raises ModelNotFoundError for what the store does not hold and ModelReloadError for a
+        version that cannot be served.
+        """
+        try:
+            parsed = parse_model_ref(ref)
+        except ValueError as exc:
+            raise ModelNotFoundError(str(exc)) from None
+        try:
+            await asyncio.to_thread(self._load_blocking, parsed)
+        except ModelNotFoundError:
+            raise
+        except Exception as exc:  # integrity, ORT, shape or NaN: all mean "cannot serve it"
+            raise ModelReloadError(f"cannot serve {parsed}: {exc}") from exc
+
+    async def reload(
+        self,
+        name: str,
+        selector: str | None = None,
+        *,
+        before_swap: Callable[[], object] | None = None,
+    ) -> tuple[str, str]:
         """Load `name@selector` (None: the configured ref, re-resolved), warm it, swap it in.
+
+        `before_swap`, if given, runs in a thread once the new version has loaded and warmed,
+        just before it serves (a promotion moves its alias there); if it raises, the new
+        version is dropped and the exception propagates.
 
         Returns (old version, new version). Raises ModelNotFoundError for a name that is not
         served or a selector the store does not hold, and ModelReloadError for a version that
-        cannot be served; in both cases the old version keeps serving untouched.
+        cannot be served; in every failure the old version keeps serving untouched.
         """
         if name not in self._engines:
             raise ModelNotFoundError(
@@ -378,6 +440,8 @@ class ModelRegistry:
                 raise ModelReloadError(
                     f"cannot reload {ref}: {exc}; still serving {old.ref}"
                 ) from exc
+            if before_swap is not None:
+                await asyncio.to_thread(before_swap)
             new = self._engine(loaded)
             await new.start()
             # One assignment on the event loop: every later get() sees the new engine, while
@@ -405,20 +469,29 @@ class ModelRegistry:
 class DecodedImage:
     """One request image: decoded pixels, the model input made from them, and the time taken."""
 
-    image: np.ndarray
+    # None unless asked for: up to max_pixels x 8 bytes, held while the request waits
+    # for its batch (a 16-bit RGBA bomb of 40 MP is 320 MB), where the tensor is 0.2 MB.
+    image: np.ndarray | None
     tensor: np.ndarray
     decode_ms: float  # decode + preprocess, in the worker (queueing excluded)
     sha256: str  # of the encoded bytes, for the record and the archive
 
 
-def _decode_and_preprocess(data: bytes, spec: PreprocessSpec, max_pixels: int) -> DecodedImage:
+def _decode_and_preprocess(
+    data: bytes, spec: PreprocessSpec, max_pixels: int, keep_image: bool = True
+) -> DecodedImage:
     t0 = time.perf_counter()
     image = decode_image(data, max_pixels=max_pixels)
     tensor = preprocess(image, spec)
     decode_ms = 1000 * (time.perf_counter() - t0)
     # Hashed here, not on the event loop: hashlib drops the GIL, and getting it back on a
     # busy loop costs far more than the hash itself.
-    return DecodedImage(image, tensor, decode_ms, hashlib.sha256(data).hexdigest())
+    sha256 = hashlib.sha256(data).hexdigest()
+    return DecodedImage(image if keep_image else None, tensor, decode_ms, sha256)
+
+
+_T = TypeVar("_T")
+FRAME_RETRY_AFTER_S = 1.0  # a frame takes seconds: asking back sooner only adds refusals
 
 
 class DecodePool:
@@ -431,21 +504,35 @@ class DecodePool:
     the deadline and the few requests that are served wait almost all of it.
     """
 
-    def __init__(self, workers: int, *, max_waiting: int = 64) -> None:
-        if workers < 1 or max_waiting < 1:
+    def __init__(self, workers: int, *, max_waiting: int = 64, max_frames: int = 2) -> None:
+        if workers < 1 or max_waiting < 1 or max_frames < 1:
             raise ValueError(
-                f"decode workers and max_waiting must be at least 1, got {workers}, {max_waiting}"
+                "decode workers, max_waiting and max_frames must be at least 1, got "
+                f"{workers}, {max_waiting}, {max_frames}"
             )
         self.workers = workers
         self.max_waiting = max_waiting
+        self.max_frames = max_frames
+        self._frames = 0
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self._slots = asyncio.Semaphore(workers * 4)
         self._waiting = 0
         self._decode_s = 0.002  # running mean of one decode, for Retry-After
         self.rejected = 0
 
-    async def decode(self, data: bytes, spec: PreprocessSpec, *, max_pixels: int) -> DecodedImage:
-        """Bytes -> DecodedImage; cellinspect.datasets.errors exceptions propagate unchanged."""
+    async def decode(
+        self, data: bytes, spec: PreprocessSpec, *, max_pixels: int, keep_image: bool = True
+    ) -> DecodedImage:
+        """Bytes -> DecodedImage; cellinspect.datasets.errors exceptions propagate unchanged.
+
+        With `keep_image=False` only the tensor outlives the worker, not the decoded pixels.
+        """
+        decoded = await self.run(_decode_and_preprocess, data, spec, max_pixels, keep_image)
+        self._decode_s = 0.9 * self._decode_s + 0.1 * decoded.decode_ms / 1000
+        return decoded
+
+    async def run(self, fn: Callable[..., _T], *args: object) -> _T:
+        """`fn(*args)` on a decode worker, admitted as a decode is (Overloaded when full)."""
         if self._slots.locked() and self._waiting >= self.max_waiting:
             self.rejected += 1
             raise Overloaded(
@@ -458,14 +545,24 @@ class DecodePool:
         finally:
             self._waiting -= 1
         try:
-            loop = asyncio.get_running_loop()
-            decoded = await loop.run_in_executor(
-                self._executor, _decode_and_preprocess, data, spec, max_pixels
-            )
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         finally:
             self._slots.release()
-        self._decode_s = 0.9 * self._decode_s + 0.1 * decoded.decode_ms / 1000
-        return decoded
+
+    @contextlib.contextmanager
+    def frame_slot(self) -> Iterator[None]:
+        """One of `max_frames` places for a frame from its decode to its answer, or
+        Overloaded at once: a decoded frame is held while its tiles are inferred."""
+        if self._frames >= self.max_frames:
+            self.rejected += 1
+            raise Overloaded(
+                f"{self._frames} frames in progress", retry_after_s=FRAME_RETRY_AFTER_S
+            )
+        self._frames += 1
+        try:
+            yield
+        finally:
+            self._frames -= 1
 
     def close(self) -> None:
         """Stop the workers; decodes still queued are cancelled."""

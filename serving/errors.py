@@ -18,6 +18,7 @@ from cellinspect.datasets.errors import (
 from cellinspect.models.store import IntegrityError, ModelNotFoundError
 from cellinspect.serving.batcher import DeadlineExceeded, Overloaded
 from cellinspect.serving.limits import BodyTooLarge
+from cellinspect.serving.policy import NonFiniteProbabilities
 from cellinspect.serving.records import RecordStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,21 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.retry_after_s,
         )
 
+    @app.exception_handler(NonFiniteProbabilities)
+    async def _non_finite(_: Request, exc: NonFiniteProbabilities) -> JSONResponse:
+        # The model's fault, not the request's: a person must look at the model.
+        log.error("model output invalid, answered 500: %s", exc)
+        return error_response(500, "model_output_invalid", str(exc))
+
     @app.exception_handler(RecordStoreUnavailable)
     async def _records(_: Request, exc: RecordStoreUnavailable) -> JSONResponse:
         log.error("inspection not recorded, answered 503: %s", exc)
         return error_response(
-            503, "records_unavailable", "the inspection could not be recorded; retry shortly", 2.0
+            503,
+            "records_unavailable",
+            # A COMMIT whose acknowledgement was lost may have landed: say so (seen in
+            # benchmarks/kill_loop.py --restart-postgres, 7 of 1,691 503s).
+            "the records database did not confirm this inspection; retry shortly "
+            "(if the database failed after committing, it is already recorded)",
+            2.0,
         )

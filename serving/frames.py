@@ -72,15 +72,42 @@ async def inspect_frame(
     pixel_pitch_mm: float | None,
     started: float,
 ) -> FrameResponse:
+    """Decode, tile, classify, merge, record; at most max_frames_in_flight at once (503)."""
+    with service.decoder.frame_slot():
+        return await _inspect_frame(
+            service,
+            data,
+            model=model,
+            origin=origin,
+            overlap=overlap,
+            pixel_pitch_mm=pixel_pitch_mm,
+            started=started,
+        )
+
+
+async def _inspect_frame(
+    service: Service,
+    data: bytes,
+    *,
+    model: str | None,
+    origin: Origin,
+    overlap: float,
+    pixel_pitch_mm: float | None,
+    started: float,
+) -> FrameResponse:
     settings = service.settings
     loop = asyncio.get_running_loop()
-    frame, sha256 = await asyncio.to_thread(_decode_frame, data, settings.max_frame_pixels)
+    # Through the decode pool: its workers and admission bound how many frames (up to
+    # max_frame_pixels each) are decoded at once.
+    frame, sha256 = await service.decoder.run(_decode_frame, data, settings.max_frame_pixels)
     decode_ms = (time.perf_counter() - started) * 1000.0
     height, width = frame.shape[:2]
     with service.registry.lease(model) as engine:
         card, spec = engine.card, engine.card.preprocessing
         try:
-            tiles = tile_grid(height, width, spec.height, spec.width, overlap)
+            tiles = tile_grid(
+                height, width, spec.height, spec.width, overlap, max_tiles=settings.max_frame_tiles
+            )
         except ValueError as exc:
             raise RequestError(422, "bad_tiling", str(exc)) from None
         # Frames take many batches: a deadline per frame scaled by its tile count, and chunks

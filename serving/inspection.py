@@ -80,7 +80,10 @@ async def inspect_image(
     # A lease keeps this version alive across a concurrent hot reload.
     with service.registry.lease(model) as engine:
         decoded = await service.decoder.decode(
-            data, engine.card.preprocessing, max_pixels=settings.max_pixels
+            data,
+            engine.card.preprocessing,
+            max_pixels=settings.max_pixels,
+            keep_image=service.shadow.needs_image(engine),
         )
         probs, heat, timing = await engine.infer_with_heatmap(decoded.tensor, deadline)
     decision = decide(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 from cellinspect.serving.errors import RequestError
 
 HEADER_LENGTH = "inference-header-content-length"
+MAX_DIMS = 8  # tensor rank; a longer shape list is refused before its product is taken
 DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8}
 
 
@@ -58,7 +60,9 @@ def _split_bytes(raw: bytes) -> list[bytes]:
 
 def parse_infer_request(body: bytes, header_length: str | None, max_elements: int) -> InferRequest:
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        # Bounded before int(): Python refuses to parse more than 4300 digits (ValueError, a 500).
+        digits = header_length.isascii() and header_length.isdigit() and len(header_length) <= 20
+        if not digits or int(header_length) > len(body):
             raise _bad(f"{HEADER_LENGTH} must be the JSON header's length in bytes")
         head, tail = body[: int(header_length)], body[int(header_length) :]
     else:
@@ -67,6 +71,10 @@ def parse_infer_request(body: bytes, header_length: str | None, max_elements: in
         doc = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(f"request is not valid JSON ({exc.__class__.__name__})") from None
+    except ValueError:  # json parses integers of over 4300 digits, then int() refuses them
+        raise _bad("request has a number of more than 4300 digits") from None
+    except RecursionError:
+        raise _bad("request JSON is nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise _bad("request needs a non-empty 'inputs' list")
     inputs, offset = [], 0
@@ -80,9 +88,14 @@ def parse_infer_request(body: bytes, header_length: str | None, max_elements: in
             or not isinstance(shape, list)
         ):
             raise _bad("each input needs 'name', 'datatype' and 'shape'")
-        if not all(isinstance(d, int) and 0 <= d <= max_elements for d in shape):
-            raise _bad(f"input {name!r}: shape must be non-negative integers")
-        count = int(np.prod(shape)) if shape else 1
+        if len(shape) > MAX_DIMS or not all(
+            type(d) is int and 0 <= d <= max_elements for d in shape
+        ):
+            raise _bad(f"input {name!r}: shape must be at most {MAX_DIMS} non-negative integers")
+        # math.prod on Python ints: numpy's int64 product wraps around to small or zero.
+        count = math.prod(shape)
+        if count == 0:
+            raise _bad(f"input {name!r}: shape {shape} holds no elements")
         if count > max_elements:
             raise _bad(f"input {name!r}: {count} elements exceed the limit of {max_elements}")
         params = spec.get("parameters") or {}
@@ -136,12 +149,18 @@ def parse_infer_request(body: bytes, header_length: str | None, max_elements: in
 
 
 def _flatten(data: Any) -> list[Any]:
-    if isinstance(data, list):
-        out: list[Any] = []
-        for d in data:
-            out.extend(_flatten(d))
-        return out
-    return [data]
+    """Nested lists -> their leaves in order; iterative, as JSON nesting may be deep."""
+    out: list[Any] = []
+    stack = [iter([data])]
+    while stack:
+        for d in stack[-1]:
+            if isinstance(d, list):
+                stack.append(iter(d))
+                break
+            out.append(d)
+        else:
+            stack.pop()
+    return out
 
 
 def encode_infer_response(

@@ -14,6 +14,10 @@ import numpy as np
 from cellinspect.models.card import ModelCard, OperatingPoint, Verdict
 
 
+class NonFiniteProbabilities(ValueError):
+    """A model gave NaN or infinity for an image: there is no verdict to give."""
+
+
 @dataclass(frozen=True)
 class Decision:
     """What the service answers for one image."""
@@ -51,7 +55,10 @@ def decide(
         )
     if not np.isfinite(probs).all():
         # A NaN defect probability compares False with every threshold and would pass.
-        raise ValueError(f"non-finite probabilities from {card.name}@{card.version}: {probs}")
+        raise NonFiniteProbabilities(
+            f"non-finite probabilities from {card.name}@{card.version} for this image: {probs}"
+            "; no verdict given"
+        )
     point, overridden = operating_point_for(card, line_id, line_points)
     best = int(np.argmax(probs))
     # Clipped: float rounding can put 1 - p(good) a hair below 0.

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Literal
+from http import HTTPStatus
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from cellinspect.models.card import Verdict
 
@@ -81,6 +82,31 @@ class ErrorBody(BaseModel):
     code: str = Field(description="stable machine-readable reason, e.g. truncated, too_large")
 
 
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of a route that answers errors as ErrorBody ({detail, code}).
+
+    Its 422 is either an ErrorBody (an image that cannot be decoded) or FastAPI's own
+    validation error (bad query or path parameters), so it is documented as either.
+    """
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody, "description": HTTPStatus(status).phrase}
+        for status in statuses
+    }
+    either = [
+        {"$ref": "#/components/schemas/ErrorBody"},
+        {"$ref": "#/components/schemas/HTTPValidationError"},
+    ]
+    responses[422] = {
+        "description": "undecodable image (ErrorBody) or invalid parameters",
+        "content": {"application/json": {"schema": {"anyOf": either}}},
+    }
+    return responses
+
+
+# What the image routes refuse with an ErrorBody, besides 422.
+IMAGE_ERRORS = error_responses(400, 413, 415, 503)
+
+
 class BatchItem(BaseModel):
     index: int
     filename: str | None = None
@@ -114,6 +140,18 @@ class ReloadResponse(BaseModel):
 
 
 class PromoteRequest(BaseModel):
-    version: str
-    alias: str = "production"
+    # A version number, not an alias: the alias is what moves.
+    version: str = Field(pattern=r"^[0-9]{1,9}$", description="version number to promote")
+    alias: str = Field(
+        "production",
+        pattern=r"^[a-z0-9][a-z0-9._\-]{0,63}$",
+        description="alias to move; model-name characters, not all digits (those are versions)",
+    )
     reload: bool = Field(True, description="serve the promoted version at once")
+
+    @field_validator("alias")
+    @classmethod
+    def _alias_is_not_a_version(cls, alias: str) -> str:
+        if alias.isdigit():
+            raise ValueError("an all-digit alias would read as a version number")
+        return alias

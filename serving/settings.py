@@ -40,7 +40,13 @@ class Settings(BaseSettings):
     """Everything the service reads at start; see README "Serving" for the variables."""
 
     model_config = SettingsConfigDict(
-        env_prefix="CELLINSPECT_", env_file=".env", extra="ignore", protected_namespaces=()
+        env_prefix="CELLINSPECT_",
+        env_file=".env",
+        extra="ignore",
+        protected_namespaces=(),
+        # A validation error would otherwise quote the input, API keys included, into
+        # whatever logs the exception (uvicorn does, for an app factory that raises).
+        hide_input_in_errors=True,
     )
 
     mode: Mode = Mode.DEV
@@ -67,6 +73,12 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1)
     max_batch_images: int = Field(32, ge=1)
     max_frame_pixels: int = Field(100_000_000, ge=1)
+    # A frame costs one inference per tile: at overlap 0.89 a frame has 100x the tiles it
+    # has at 0; beyond this many the frame is refused (422) before any work.
+    max_frame_tiles: int = Field(20_000, ge=1)
+    # Frames decoded or being tiled at once, each up to max_frame_pixels x 8 bytes held
+    # until its answer; beyond it: 503 at once.
+    max_frames_in_flight: int = Field(2, ge=1)
     # Records and archive
     database_url: str | None = None  # None: SQLite under HOME; postgresql+psycopg://...
     archive_dir: Path | None = None  # None: HOME/archive

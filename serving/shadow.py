@@ -93,6 +93,12 @@ class ShadowRunner:
         """Shadow runs scheduled and not finished."""
         return len(self._tasks)
 
+    def needs_image(self, primary: ModelEngine) -> bool:
+        """Whether `primary`'s candidate preprocesses differently, so a shadow run needs the
+        decoded image and not only the live tensor (the decoder drops the image otherwise)."""
+        candidate = self.registry.candidate(primary.name)
+        return candidate is not None and candidate.card.preprocessing != primary.card.preprocessing
+
     def offer(self, primary: ModelEngine, decoded: DecodedImage, record: InspectionRecord) -> None:
         """Schedule a shadow run for an answered, recorded inspection, if sampled and there is
         room; returns at once and never raises."""
@@ -118,6 +124,9 @@ class ShadowRunner:
             # Only the tensor is kept when it fits the candidate: not the decoded frame.
             same_input = candidate.card.preprocessing == primary.card.preprocessing
             source = decoded.tensor if same_input else decoded.image
+            if source is None:  # the candidate was swapped for one that preprocesses differently
+                self._drop(primary.name, DropReason.FAILED, "the decoded image was not kept")
+                return
             task = asyncio.get_running_loop().create_task(
                 self._run(primary.name, record, source, preprocessed=same_input),
                 name=f"shadow-{primary.name}",

@@ -14,6 +14,7 @@ from cellinspect.serving.frames import FrameResponse, inspect_frame
 from cellinspect.serving.inspection import Origin, inspect_image
 from cellinspect.serving.schemas import (
     ID_PATTERN,
+    IMAGE_ERRORS,
     MODEL_REF_PATTERN,
     BatchItem,
     BatchResponse,
@@ -41,6 +42,22 @@ IMAGE_BODY = {
                     "required": ["image"],
                 }
             },
+        },
+    }
+}
+BATCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": ["images"],
+                }
+            }
         },
     }
 }
@@ -72,7 +89,11 @@ HeatmapQuery = Annotated[
 
 
 @router.post(
-    "", response_model=InspectResponse, openapi_extra=IMAGE_BODY, summary="Inspect one image"
+    "",
+    response_model=InspectResponse,
+    responses=IMAGE_ERRORS,
+    openapi_extra=IMAGE_BODY,
+    summary="Inspect one image",
 )
 async def inspect(
     request: Request,
@@ -107,6 +128,8 @@ async def inspect(
 @router.post(
     "/batch",
     response_model=BatchResponse,
+    responses=IMAGE_ERRORS,
+    openapi_extra=BATCH_BODY,
     summary="Inspect several images (multipart file parts), one result each, order kept",
 )
 async def inspect_batch(
@@ -149,6 +172,7 @@ async def inspect_batch(
 @router.post(
     "/frame",
     response_model=FrameResponse,
+    responses=IMAGE_ERRORS,
     openapi_extra=IMAGE_BODY,
     summary="Inspect a line-scan frame: defect regions in pixels (and mm) and a frame verdict",
 )

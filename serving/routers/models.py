@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path
 
+from cellinspect.models.store import validate_alias
 from cellinspect.serving.engine import ModelReloadError
 from cellinspect.serving.schemas import (
     PromoteRequest,
@@ -62,13 +64,28 @@ async def reload_model(
 async def promote_model(
     service: ServiceDep, _: AdminRole, name: ModelName, body: PromoteRequest
 ) -> ReloadResponse:
-    store = service.store
+    """The alias moves only after the version has loaded, passed its checks and warmed up
+    here: an alias on a version that cannot serve would fail the next start of every
+    instance that follows it."""
     try:
-        await asyncio.to_thread(store.load_verified, f"{name}@{body.version}")
-        await asyncio.to_thread(store.promote, name, body.version, alias=body.alias)
+        validate_alias(body.alias)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
+    move = functools.partial(service.store.promote, name, body.version, alias=body.alias)
     served = {e.name: e.version for e in service.registry.list()}
-    if body.reload and name in served:
-        return await _reload(service, name, body.version)
-    return ReloadResponse(name=name, previous_version=served.get(name, ""), version=body.version)
+    try:
+        if body.reload and name in served:
+            old, new = await service.registry.reload(name, body.version, before_swap=move)
+            service.metrics.set_served({e.name: e.version for e in service.registry.list()})
+            return ReloadResponse(name=name, previous_version=old, version=new)
+        await service.registry.check_servable(f"{name}@{body.version}")
+        moved = await asyncio.to_thread(move)
+    except ModelReloadError as exc:
+        raise HTTPException(
+            409, f"promotion refused, {name}@{body.alias} not moved: {exc}"
+        ) from None
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return ReloadResponse(
+        name=name, previous_version=served.get(name, ""), version=moved.to_version
+    )

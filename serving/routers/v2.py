@@ -14,6 +14,7 @@ from cellinspect.models.card import PROBABILITIES_NAME
 from cellinspect.serving.errors import RequestError
 from cellinspect.serving.inspection import Origin, inspect_image
 from cellinspect.serving.oip import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from cellinspect.serving.schemas import IMAGE_ERRORS
 from cellinspect.serving.service import ServiceDep, StationRole, open_or, records_reachable
 from cellinspect.serving.settings import Role
 
@@ -21,6 +22,53 @@ router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 HealthAccess = Annotated[None, Depends(open_or(Role.OPERATOR, lambda s: s.open_health))]
 ModelName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9._\-]{0,63}$")]
 VERDICT_OUTPUT = "verdict"
+# The JSON form of an infer request, for the docs and for schemathesis; the route reads the
+# raw body itself, as Triton's binary extension (application/octet-stream) is not JSON.
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "enum": ["FP32", "FP64", "FP16", "UINT8", "BYTES"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "data": {"type": "array", "description": "numbers (nested by shape) or base64 strings"},
+        "parameters": {
+            "type": "object",
+            "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+        },
+    },
+}
+INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "inputs": {"type": "array", "minItems": 1, "items": _TENSOR},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "parameters": {
+                                        "type": "object",
+                                        "properties": {"binary_data": {"type": "boolean"}},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 @router.get("/health/live")
@@ -63,7 +111,12 @@ async def model_ready(service: ServiceDep, _: StationRole, name: ModelName) -> d
     return {"name": engine.name, "ready": service.registry.ready}
 
 
-@router.post("/models/{name}/infer", summary="Infer: FP32 image tensors or BYTES encoded images")
+@router.post(
+    "/models/{name}/infer",
+    responses=IMAGE_ERRORS,
+    openapi_extra=INFER_BODY,
+    summary="Infer: FP32 image tensors or BYTES encoded images",
+)
 async def infer(request: Request, service: ServiceDep, _: StationRole, name: ModelName) -> Response:
     started = time.perf_counter()
     engine = service.registry.get(name)

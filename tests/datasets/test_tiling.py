@@ -237,3 +237,11 @@ def test_millimetres_with_square_and_anisotropic_pitch() -> None:
         to_millimetres(region, 0.0)
     with pytest.raises(ValueError, match="positive"):
         to_millimetres(region, (0.05, -1.0))
+
+
+def test_tile_count_limit_refuses_before_building_tiles() -> None:
+    assert len(tile_grid(64, 64, 8, 8, 0.0, max_tiles=64)) == 64
+    with pytest.raises(
+        ValueError, match=r"needs 72 tiles, over the limit of 64; lower the overlap"
+    ):
+        tile_grid(64, 65, 8, 8, 0.0, max_tiles=64)

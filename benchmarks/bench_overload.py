@@ -1,6 +1,7 @@
 """Overload and memory: the service under more load than it can take, and over 50,000 requests.
 
     python benchmarks/bench_overload.py [--factor 2] [--seconds 30] [--requests 50000]
+    python benchmarks/bench_overload.py --soak-minutes 30 [--soak-load 0.7]
 
 1. Capacity: `wrk` with 16 clients for 8 s (the same measurement as bench_serving.py).
 2. Overload: an open-loop client offers `factor` x capacity for `seconds` — requests go
@@ -8,9 +9,16 @@
    would slow down with the server and never overload it). Reported: the share of 503s,
    whether each carried Retry-After, and the latency of the *accepted* requests, which
    the per-request deadline (`CELLINSPECT_DEADLINE_MS`, default 2,000 ms) must bound.
-3. Recovery: capacity again right after the overload.
+3. Recovery: 1-second wrk runs right after the overload until one reaches 90% of
+   capacity (how many seconds that took), then capacity again over 8 s.
 4. Memory (measured before the overload): resident set size of the server after warm-up
-   and after `--requests` more at 16 clients.
+   and after `--requests` more at 16 clients; during the overload, the peak RSS sampled
+   every 0.25 s.
+
+With `--soak-minutes M`, steps 2-4 are replaced by a soak: the open-loop client offers
+`--soak-load` x capacity for M minutes, one-minute windows, and each window reports the
+accepted latency (p50/p99), 503s, and the server's RSS, open file descriptors and threads,
+so growth or drift shows as a trend between the first and the last minutes.
 
 The open-loop client is asyncio on raw keep-alive connections (uvloop when installed); it
 shares the 2 CPUs with the server, which the report states. Needs the train extra (to
@@ -27,6 +35,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +146,76 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+def process_counts(pid: int) -> tuple[int, int]:
+    """(open file descriptors, threads) of `pid`."""
+    threads = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("Threads:")
+    )
+    return len(os.listdir(f"/proc/{pid}/fd")), threads
+
+
+class PeakRss:
+    """Samples a process's RSS every `interval_s` in a thread while in a `with` block."""
+
+    def __init__(self, pid: int, interval_s: float = 0.25) -> None:
+        self.pid, self.interval_s, self.peak = pid, interval_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak = max(self.peak, rss_mib(self.pid))
+
+    def __enter__(self) -> PeakRss:
+        self.peak = rss_mib(self.pid)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def seconds_to_recover(url: str, script: Path, image: Path, capacity: float) -> int | None:
+    """1-second wrk runs until one reaches 90% of `capacity`: how many it took (None: 10
+    were not enough)."""
+    for second in range(1, 11):
+        if wrk(url, 16, 1, script, image)["rps"] >= 0.9 * capacity:
+            return second
+    return None
+
+
+def soak(port: int, pid: int, body: bytes, rate: float, minutes: int) -> list[dict[str, float]]:
+    """`rate` requests/s for `minutes` one-minute windows; per window the accepted latency,
+    503s, client errors and the server's RSS, descriptors and threads at its end."""
+    windows = []
+    for minute in range(1, minutes + 1):
+        run = asyncio.run(open_loop(port, body, rate, 60.0))
+        fds, threads = process_counts(pid)
+        windows.append(
+            {
+                "minute": minute,
+                "ok": len(run.latencies_ok),
+                "p50_ms": pct(run.latencies_ok, 50),
+                "p99_ms": pct(run.latencies_ok, 99),
+                "503": len(run.latencies_503),
+                "errors": run.client_errors + run.no_connection + sum(run.other_status.values()),
+                "rss_mib": rss_mib(pid),
+                "fds": fds,
+                "threads": threads,
+            }
+        )
+        w = windows[-1]
+        print(
+            f"| {minute} | {w['ok']} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | {w['503']} | "
+            f"{w['errors']} | {w['rss_mib']:.0f} | {fds} | {threads} |",
+            flush=True,
+        )
+    return windows
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000 if values else float("nan")
 
@@ -149,6 +228,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="overload duration")
     parser.add_argument("--requests", type=int, default=50_000, help="for the memory check")
     parser.add_argument("--port", type=int, default=8790)
+    parser.add_argument(
+        "--soak-minutes", type=int, default=0, help="soak instead of overload (minutes)"
+    )
+    parser.add_argument("--soak-load", type=float, default=0.7, help="soak load / capacity")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
@@ -174,8 +257,21 @@ def main() -> None:
             run = wrk(url, 16, seconds, script, image)
             done = int(run["rps"] * round(seconds))
             rss_end = rss_mib(proc.pid)
+            if args.soak_minutes:
+                rate = args.soak_load * capacity
+                print(f"\ncapacity (16 clients, median of 2 x 8 s): {capacity:.0f} img/s")
+                print(
+                    f"soak: {args.soak_load:g} x capacity = {rate:.0f} req/s, open loop, "
+                    f"{args.soak_minutes} one-minute windows\n"
+                )
+                print("| minute | 200 | p50 ms | p99 ms | 503 | errors | RSS MiB | fds | threads |")
+                print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                soak(args.port, proc.pid, image.read_bytes(), rate, args.soak_minutes)
+                return
             rate = args.factor * capacity
-            over = asyncio.run(open_loop(args.port, image.read_bytes(), rate, args.seconds))
+            with PeakRss(proc.pid) as peak:
+                over = asyncio.run(open_loop(args.port, image.read_bytes(), rate, args.seconds))
+            back_after = seconds_to_recover(url, script, image, capacity)
             recovered = wrk(url, 16, 8, script, image)["rps"]
             answered = len(over.latencies_ok) + len(over.latencies_503)
         finally:
@@ -201,7 +297,13 @@ def main() -> None:
         f"max {pct(over.latencies_ok, 100):.0f} ms; 503 answers p50 "
         f"{pct(over.latencies_503, 50):.1f} ms, p99 {pct(over.latencies_503, 99):.1f} ms"
     )
-    print(f"recovery: {recovered:.0f} img/s right after ({recovered / capacity:.2f} of capacity)")
+    print(
+        f"recovery: 90% of capacity in the "
+        f"{'first 10 s: no' if back_after is None else f'{back_after}. second'} after the "
+        f"load dropped; {recovered:.0f} img/s over the next 8 s "
+        f"({recovered / capacity:.2f} of capacity)"
+    )
+    print(f"peak RSS during the overload: {peak.peak:.0f} MiB")
     print(
         f"\nmemory: RSS {rss_start:.0f} MiB after warm-up, {rss_end:.0f} MiB after "
         f"~{done:,} more requests ({rss_end - rss_start:+.0f} MiB)"

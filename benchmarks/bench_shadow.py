@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
     parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--share", type=float, default=1.0, help="CELLINSPECT_SHADOW_SHARE")
     parser.add_argument(
         "--warmup", type=float, default=2.0, help="seconds of load before measuring"
     )
@@ -100,7 +101,7 @@ def main() -> None:
                     model=f"{MODEL}@1",
                     env={
                         "CELLINSPECT_SHADOW_MODELS": json.dumps(shadow),
-                        "CELLINSPECT_SHADOW_SHARE": "1.0",
+                        "CELLINSPECT_SHADOW_SHARE": str(args.share),
                     },
                 )
                 try:
@@ -118,7 +119,8 @@ def main() -> None:
                     proc.wait(timeout=60)
     print(
         f"\nmobilenet_v3_small {args.size}², {args.image_size}² gray PNG, ORT {args.threads} "
-        f"threads served + 1 shadow, {os.cpu_count()} CPUs, median of {args.rounds} rounds x "
+        f"threads served + 1 shadow (share {args.share:g}), {os.cpu_count()} CPUs, median of "
+        f"{args.rounds} rounds x "
         f"{args.duration:g} s\n"
     )
     print(

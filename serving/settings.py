@@ -97,7 +97,10 @@ class Settings(BaseSettings):
     # Shadow mode, JSON: {"electrode-defects": "electrode-defects@5"}: a candidate version per
     # served model, run beside it on live images and recorded, never the answer.
     shadow_models: dict[str, str] = Field(default_factory=dict)
-    shadow_share: float = Field(1.0, ge=0, le=1)  # share of inspections also run on the candidate
+    # Share of inspections also run on the candidate. 0.1: on 2 cores a shadow run on every
+    # idle moment still cost +1 ms p50; one in ten costs nothing measurable at one client
+    # (benchmarks/RESULTS.md) and still gives a line at 1 image/s 8,640 comparisons a day.
+    shadow_share: float = Field(0.1, ge=0, le=1)
     # A shadow run starts only while the served models hold at most this many live images
     # waiting plus batches running: 0 = only while they are idle.
     shadow_max_primary_queue: int = Field(0, ge=0)

@@ -57,6 +57,7 @@ class OpenLoopResult:
     retry_after_missing: int = 0
     other_status: dict[int, int] = field(default_factory=dict)
     client_errors: int = 0  # connection failures, timeouts
+    stale_connections: int = 0  # of those: a kept-alive connection the server had closed
     no_connection: int = 0  # scheduled but every connection busy and the cap reached
     lag_max_s: float = 0.0  # how far behind schedule the client fell
 
@@ -90,14 +91,21 @@ async def open_loop(
     async def one(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None) -> None:
         nonlocal opened
         start = time.perf_counter()
+        reused = conn is not None
         try:
             if conn is None:
                 conn = await asyncio.open_connection("127.0.0.1", port)
             reader, writer = conn
             writer.write(request)
             status, headers = await asyncio.wait_for(_read_response(reader), 30)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
             result.client_errors += 1
+            # uvicorn closes a connection idle for 5 s (timeout_keep_alive); reusing it
+            # fails before a byte of answer: the request never reached the service.
+            closed_early = isinstance(exc, ConnectionResetError) or (
+                isinstance(exc, asyncio.IncompleteReadError) and not exc.partial
+            )
+            result.stale_connections += reused and closed_early
             opened -= 1
             return
         elapsed = time.perf_counter() - start
@@ -202,6 +210,7 @@ def soak(port: int, pid: int, body: bytes, rate: float, minutes: int) -> list[di
                 "p99_ms": pct(run.latencies_ok, 99),
                 "503": len(run.latencies_503),
                 "errors": run.client_errors + run.no_connection + sum(run.other_status.values()),
+                "stale": run.stale_connections,
                 "rss_mib": rss_mib(pid),
                 "fds": fds,
                 "threads": threads,
@@ -210,7 +219,7 @@ def soak(port: int, pid: int, body: bytes, rate: float, minutes: int) -> list[di
         w = windows[-1]
         print(
             f"| {minute} | {w['ok']} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | {w['503']} | "
-            f"{w['errors']} | {w['rss_mib']:.0f} | {fds} | {threads} |",
+            f"{w['errors']} ({w['stale']}) | {w['rss_mib']:.0f} | {fds} | {threads} |",
             flush=True,
         )
     return windows
@@ -264,7 +273,10 @@ def main() -> None:
                     f"soak: {args.soak_load:g} x capacity = {rate:.0f} req/s, open loop, "
                     f"{args.soak_minutes} one-minute windows\n"
                 )
-                print("| minute | 200 | p50 ms | p99 ms | 503 | errors | RSS MiB | fds | threads |")
+                print(
+                    "| minute | 200 | p50 ms | p99 ms | 503 | client errors (stale keep-alive) "
+                    "| RSS MiB | fds | threads |"
+                )
                 print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
                 soak(args.port, proc.pid, image.read_bytes(), rate, args.soak_minutes)
                 return
@@ -283,13 +295,16 @@ def main() -> None:
         f"({over.offered} requests; client fell behind schedule by at most "
         f"{over.lag_max_s * 1000:.0f} ms)\n"
     )
-    print("| answered | 200 | 503 | 503 share | 503 without Retry-After | other | client errors |")
+    print(
+        "| answered | 200 | 503 | 503 share | 503 without Retry-After | other "
+        "| client errors (stale keep-alive) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {answered} | {len(over.latencies_ok)} | {len(over.latencies_503)} | "
         f"{len(over.latencies_503) / max(answered, 1):.2f} | {over.retry_after_missing} | "
         f"{sum(over.other_status.values())} {over.other_status or ''} | "
-        f"{over.client_errors + over.no_connection} |"
+        f"{over.client_errors + over.no_connection} ({over.stale_connections}) |"
     )
     print(
         f"\naccepted: {len(over.latencies_ok) / args.seconds:.0f} img/s, latency p50 "

@@ -33,6 +33,7 @@ from cellinspect.models.card import (
     PROBABILITIES_NAME,
     ModelCard,
 )
+from cellinspect.models.evaluate import measure_throughput
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.store import ModelStore, sha256_file
 from cellinspect.training.export import (
@@ -325,6 +326,32 @@ def int8_card(fp32_card: ModelCard, int8_path: Path, *, per_channel: bool) -> Mo
     )
 
 
+def int8_speedup(
+    fp32_path: Path, fp32_card: ModelCard, int8_path: Path, int8_card: ModelCard
+) -> float:
+    """INT8 images/s over FP32 images/s on this machine (one image at a time, one thread: the
+    service's micro-batches are small), and a warning when INT8 is the slower one: ONNX
+    Runtime's CPU provider has no fast quantized kernels for some layers (depthwise
+    convolutions, Hardswish), and the QDQ graph then runs them in float between conversions
+    (benchmarks/RESULTS.md: MobileNetV3-small 4-5x slower in INT8)."""
+    rates = [
+        measure_throughput(
+            LoadedModel.from_files(path, card, threads=1), threads=1, batch_size=1
+        ).images_per_second
+        for path, card in ((fp32_path, fp32_card), (int8_path, int8_card))
+    ]
+    ratio = round(rates[1] / rates[0], 3)
+    if ratio < 1:
+        log.warning(
+            "INT8 runs at %.2fx the FP32 speed on this CPU (%.0f vs %.0f images/s): serve the "
+            "FP32 version unless the smaller file matters",
+            ratio,
+            rates[1],
+            rates[0],
+        )
+    return ratio
+
+
 def export_int8(
     run_dir: str | Path,
     *,
@@ -389,6 +416,7 @@ def export_int8(
         }
         if found.max_abs_heatmap_diff is not None:
             card.parity["max_abs_heatmap_diff"] = found.max_abs_heatmap_diff
+        card.parity["speed_vs_fp32"] = int8_speedup(fp32_path, fp32_card, int8_path, card)
         evaluate_card(card, int8, by_split, manifest, heldout, max_pixels, criteria)
         files = training_files(manifest)
         published_fp32 = store.publish(fp32_path, fp32_card, extra_files=files)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -187,6 +189,7 @@ def test_export_int8_publishes_fp32_then_int8_evaluated_alike(published) -> None
     assert int8.metrics["val"].data == fp32.metrics["val"].data
     assert 0.0 <= int8.parity["agreement"] <= 1.0
     assert int8.parity["calibration_samples"] == 32
+    assert int8.parity["speed_vs_fp32"] > 0  # measured at export, on this machine
     assert int8.training_config == fp32.training_config
     assert int8.calibration is not None and fp32.calibration is not None
     assert int8.calibration.data == fp32.calibration.data
@@ -238,3 +241,20 @@ def test_export_cli_int8_reports_both_versions_or_the_refusal(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert "97.00%" in result.output
+
+
+def test_int8_slower_than_fp32_is_reported_with_a_warning(
+    published, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, fp32, int8 = published
+    rates = iter([400.0, 100.0])  # FP32 first, then INT8
+
+    def fake(loaded, **_kwargs):
+        return SimpleNamespace(images_per_second=next(rates))
+
+    monkeypatch.setattr(quantize, "measure_throughput", fake)
+    paths = [store.load_verified(f"tiny@{v}")[1] for v in ("1", "2")]
+    with caplog.at_level(logging.WARNING, logger=quantize.__name__):
+        ratio = quantize.int8_speedup(paths[0], fp32, paths[1], int8)
+    assert ratio == 0.25
+    assert "INT8 runs at 0.25x the FP32 speed" in caplog.text

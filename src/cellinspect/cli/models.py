@@ -127,6 +127,11 @@ def render_card(card: ModelCard) -> None:
             f"{p['agreement']:.2%} of {int(p['samples'])} validation images "
             f"(gate {p['agreement_gate']:.0%}, max |dP| {p['max_abs_prob_diff']:.3f}, "
             f"{int(p['calibration_samples'])} calibration images)"
+            + (
+                f"; {p['speed_vs_fp32']:.2f}x the FP32 speed where it was exported"
+                if "speed_vs_fp32" in p
+                else ""
+            )
         )
     elif card.parity:
         console.print(

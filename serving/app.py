@@ -20,7 +20,7 @@ from cellinspect.serving.metrics import BatcherStats, ServiceMetrics
 from cellinspect.serving.records import RecordStore
 from cellinspect.serving.routers import health, inspect, inspections, models, v2
 from cellinspect.serving.service import Service
-from cellinspect.serving.settings import Settings
+from cellinspect.serving.settings import Mode, Settings
 from cellinspect.serving.shadow import ShadowRunner
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await service.records.close()
             service.decoder.close()
 
+    docs = settings.open_docs if settings.open_docs is not None else settings.mode is Mode.DEV
     app = FastAPI(
         title="cellinspect",
         version=__version__,
         description="Battery cell defect inspection: images in, pass/review/scrap out.",
         lifespan=lifespan,
+        # app.openapi() still builds the schema in-process (tests, schemathesis).
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     open_health: bool = True  # /healthz, /readyz, /v2/health/* without a key
     open_metrics: bool = True  # /metrics without a key
+    # /docs, /redoc and /openapi.json (never behind a key). None: served in dev mode, not in
+    # production, where they would map every route for anyone on the network.
+    open_docs: bool | None = None
     # Per-line operating points, JSON: {"line-3": {"review_low": 0.2, "scrap_threshold": 0.8}}
     line_operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
     # Shadow mode, JSON: {"electrode-defects": "electrode-defects@5"}: a candidate version per

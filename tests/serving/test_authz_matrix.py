@@ -626,6 +626,22 @@ def test_production_mode_with_real_keys_starts_closed(home: Path) -> None:
         assert client.get("/v1/models").status_code == 401
         r = client.get("/v1/models", headers={"X-API-Key": STRONG["station"]})
         assert r.status_code == 200 and r.json()[0]["name"] == "tiny"
+        # No map of the routes for anyone on the network; a key does not open them either.
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 404
+            assert client.get(path, headers={"X-API-Key": STRONG["admin"]}).status_code == 404
+
+
+@pytest.mark.parametrize(("mode", "open_docs", "served"), [
+    ("dev", None, True), ("dev", False, False), ("production", True, True),
+])  # fmt: skip
+def test_api_docs_follow_the_mode_unless_set(
+    home: Path, mode: str, open_docs: bool | None, served: bool
+) -> None:
+    settings = make_settings(home, mode=mode, api_keys=_keys(**STRONG), open_docs=open_docs)
+    with TestClient(create_app(settings)) as client:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert (client.get(path).status_code == 200) is served
 
 
 # ---- keys never logged or echoed ----------------------------------------------------------

@@ -100,7 +100,7 @@ def test_every_route_answers_through_uvicorn(server: str) -> None:
         }
         assert c.post("/v2/models/tiny/infer", json=req, headers=st).status_code == 200
         assert "cellinspect_inferences_total" in c.get("/metrics").text
-        assert c.get("/openapi.json").json()["info"]["title"] == "cellinspect"
+        assert c.get("/openapi.json").status_code == 404  # production: no map of routes
         assert (
             c.post("/v1/inspect", content=png(0), headers={"Content-Type": "image/png"}).status_code
             == 401

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
+import pytest
 from tinymodel import WEIGHTS, build_classifier, make_card
 
 from cellinspect.datasets.decode import encode_png
@@ -58,3 +68,62 @@ def make_settings(home: Path, **overrides: object) -> Settings:
 
 def auth(role: str) -> dict[str, str]:
     return {"X-API-Key": KEYS[role]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path  # the server's stdout and stderr
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def running_server(home: Path, env: dict[str, str]) -> Iterator[ServerProcess]:
+    """`cellinspect serve --model tiny` on a free loopback port, with the station, operator and
+    admin KEYS, one ORT thread and `env` on top; yielded once /readyz answers 200, stopped
+    on exit. Output goes to a file, not a pipe: a pipe nobody reads would block a server
+    that logs every request."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "CELLINSPECT_HOME": str(home),
+        "CELLINSPECT_API_KEYS": ",".join(f"{r}:{k}" for r, k in KEYS.items()),
+        "CELLINSPECT_INTRA_OP_THREADS": "1",
+        **env,
+    }
+    log = home / f"server-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cellinspect.cli", "serve", "--model", "tiny"]
+            + ["--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}: {server.output}")
+            time.sleep(0.1)
+        else:
+            pytest.fail("server not ready within 30 s")
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -13,11 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +25,7 @@ import httpx
 import pytest
 from hostilekit import HostileImage, hostile_images, pil_bytes, png_zeros
 from PIL import Image
-from servicekit import KEYS
+from servicekit import KEYS, running_server
 
 pytestmark = [
     pytest.mark.slow,
@@ -107,12 +103,6 @@ def shed(name: str, response: httpx.Response) -> bool:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -146,13 +136,8 @@ class RssSampler:
 
 @pytest.fixture
 def server(home: Path) -> Iterator[tuple[str, int]]:
-    port = free_port()
     env = {
-        **os.environ,
         **Limits().env(),
-        "CELLINSPECT_HOME": str(home),
-        "CELLINSPECT_API_KEYS": ",".join(f"{r}:{k}" for r, k in KEYS.items()),
-        "CELLINSPECT_INTRA_OP_THREADS": "1",
         "CELLINSPECT_ARCHIVE_PASS_SAMPLE_RATE": "0",
         "CELLINSPECT_MAX_DELAY_MS": "1",
         # Room and time for every request to be decoded, so each bomb costs its full
@@ -163,28 +148,8 @@ def server(home: Path) -> Iterator[tuple[str, int]]:
         "CELLINSPECT_DECODE_QUEUE_SIZE": "256",
         "CELLINSPECT_DEADLINE_MS": "60000",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cellinspect.cli", "serve", "--model", "tiny", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("server not ready within 30 s")
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with running_server(home, env) as server:
+        yield server.url, server.proc.pid
 
 
 def v2_binary(data: bytes) -> tuple[bytes, dict[str, str]]:

@@ -4,60 +4,22 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from servicekit import KEYS, png
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from servicekit import KEYS, png, running_server
 
 
 @pytest.fixture
 def server(home: Path) -> Iterator[str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "CELLINSPECT_HOME": str(home),
-        "CELLINSPECT_MODE": "production",
-        "CELLINSPECT_API_KEYS": ",".join(f"{r}:{k}" for r, k in KEYS.items()),
-        "CELLINSPECT_INTRA_OP_THREADS": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cellinspect.cli", "serve", "--model", "tiny", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
-            time.sleep(0.1)
-        else:
-            pytest.fail("server not ready within 30 s")
-        yield url
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-        for key in KEYS.values():
-            assert key not in out, "an API key appeared in the server log"
+    with running_server(home, {"CELLINSPECT_MODE": "production"}) as server:
+        yield server.url
+    for key in KEYS.values():
+        assert key not in server.output, "an API key appeared in the server log"
 
 
 def test_every_route_answers_through_uvicorn(server: str) -> None:

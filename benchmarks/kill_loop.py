@@ -20,8 +20,11 @@ restart-postgres (--restart-postgres)
     (recovery time: from PostgreSQL accepting connections to the first 2xx sent after).
 
 Requests carry line_id = this run's id + one of three lines, station_id = the client,
-cell_id = a per-request serial: the checks read only this run's rows, and a cell recorded
-twice is a fault too. An untrained model gives every image the same verdict, so two of
+cell_id = a per-cell serial and an Idempotency-Key unique to the cell: the checks read only
+this run's rows, and a cell (or a key) recorded twice is a fault too. A request that got no
+answer or a 5xx is retried with the same key (--max-attempts per cell, default no limit),
+as a station would: a cell that was recorded although its answer was lost gets the recorded
+answer back (Idempotent-Replayed), not a second record. An untrained model gives every image the same verdict, so two of
 the lines get their own operating point (CELLINSPECT_LINE_OPERATING_POINTS: one always
 passes, one always goes to review, the third keeps the card's): the verdicts differ
 between concurrent requests, and a record stored with another request's verdict shows.
@@ -101,6 +104,8 @@ class Report:
     down_s: float  # pause between a kill and the restart
     requests_sent: int = 0
     acknowledged: int = 0
+    retries: int = 0  # requests repeating an earlier attempt's cell and Idempotency-Key
+    replayed: int = 0  # acknowledged with Idempotent-Replayed: recorded by an earlier attempt
     kills: int = 0
     restarts: int = 0  # server restarts (kill-server) or PostgreSQL restarts
     outcomes: dict[str, int] = field(default_factory=dict)
@@ -180,6 +185,7 @@ class Run:
             backoff_s=self.args.backoff_s,
             max_requests=self.args.max_requests,
             deadline=self.deadline,
+            max_attempts=self.args.max_attempts,
         )
         for i in range(self.args.clients):
             thread = threading.Thread(
@@ -368,6 +374,8 @@ def judge(report: Report, args: argparse.Namespace) -> None:
         report.failures.append(f"{final['mismatched']} stored with another verdict or label")
     if final.get("duplicate_cells"):
         report.failures.append(f"{final['duplicate_cells']} requests recorded twice")
+    if final.get("duplicate_keys"):
+        report.failures.append(f"{final['duplicate_keys']} records share an Idempotency-Key")
     if final.get("integrity") != "ok":
         report.failures.append(f"integrity check: {final.get('integrity')}")
     bad_after = [c for c in report.checks_after_restart if c["lost"] or c["integrity"] != "ok"]
@@ -398,6 +406,8 @@ def print_summary(report: Report) -> None:
         ("scenario", f"{report.scenario} ({report.backend}), {report.clients} clients"),
         ("requests sent", report.requests_sent),
         ("acknowledged (2xx read in full)", report.acknowledged),
+        ("retries (same cell, same Idempotency-Key)", report.retries),
+        ("acknowledged as a replay (Idempotent-Replayed)", report.replayed),
         ("server kills (SIGKILL)", report.kills),
         (restarts, report.restarts),
         ("verdicts acknowledged", _counts(report.verdicts)),
@@ -414,6 +424,7 @@ def print_summary(report: Report) -> None:
                 f"{final['unacknowledged_records']} ({unacknowledged})",
             ),
             ("requests recorded twice", final["duplicate_cells"]),
+            ("records sharing an Idempotency-Key", final["duplicate_keys"]),
             ("integrity", f"{final['integrity']} ({final['integrity_method']})"),
         ]
     for kind, n in sorted(report.outcomes.items(), key=lambda kv: -kv[1]):
@@ -511,6 +522,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--backoff-s", type=float, default=0.05, help="client pause after a failed request"
     )
     load.add_argument("--max-requests", type=int, default=1_000_000, help="per client")
+    load.add_argument(
+        "--max-attempts",
+        type=int,
+        default=0,
+        help="attempts per cell, retries sending the same Idempotency-Key (0: no limit)",
+    )
     load.add_argument("--size", type=int, default=64, help="model input side")
     load.add_argument("--image-size", type=int, default=128, help="posted image side (gray PNG)")
     load.add_argument("--threads", type=int, default=1, help="ORT intra-op threads of the server")
@@ -542,6 +559,8 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("need 0 < --kill-min-s <= --kill-max-s")
     if min(args.kills, args.pg_restarts, args.clients, args.max_requests, args.workers) < 1:
         parser.error("--kills, --pg-restarts, --clients, --max-requests and --workers must be >= 1")
+    if args.max_attempts < 0:
+        parser.error("--max-attempts must be >= 0 (0: no limit)")
     if args.database_url:
         backend = make_url(args.database_url).get_backend_name()
         if backend not in ("sqlite", "postgresql"):
@@ -581,6 +600,8 @@ def carry_out(
             ledger = run.ledger
             report.requests_sent = ledger.sent
             report.acknowledged = len(ledger.acks)
+            report.retries = sum(1 for o in ledger.outcomes if o.attempt > 1)
+            report.replayed = sum(1 for a in ledger.acks if a.replayed)
             report.outcomes = dict(Counter(o.kind for o in ledger.outcomes))
             report.examples = dict(ledger.examples)
             report.verdicts = dict(Counter(a.verdict for a in ledger.acks))

@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class Ack:
     cell_id: str
     sent: float
     done: float
+    replayed: bool = False  # Idempotent-Replayed: recorded by an earlier attempt of this cell
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,7 @@ class Outcome:
     sent: float
     done: float
     retry_after: bool = False
+    attempt: int = 1  # 2 and up: a retry of the same cell with the same Idempotency-Key
 
 
 class Ledger:
@@ -119,17 +122,26 @@ class ClientPlan:
     backoff_s: float  # pause after a failure (bounded, so recovery is probed finely)
     max_requests: int
     deadline: float  # time.monotonic() after which every client stops
+    # Attempts per cell (0: no limit): a failed request (no answer, or a 5xx) is retried with
+    # the same Idempotency-Key, so a cell recorded despite the failure is not recorded twice.
+    max_attempts: int = 0
 
 
 def run_client(index: int, plan: ClientPlan, ledger: Ledger, stop: threading.Event) -> None:
     """Post images until `stop`, the deadline or `max_requests`; log every outcome."""
     headers = {"Content-Type": "image/png", "X-API-Key": plan.api_key}
     conn: http.client.HTTPConnection | None = None
-    for serial in range(plan.max_requests):
+    serial, attempt, key = -1, 0, ""
+    for _ in range(plan.max_requests):
         if stop.is_set() or time.monotonic() > plan.deadline:
             break
         if conn is None:
             conn = http.client.HTTPConnection("127.0.0.1", plan.port, timeout=plan.timeout_s)
+        if not key or (plan.max_attempts and attempt >= plan.max_attempts):
+            # A new cell, with a key unique to it (what a station would send).
+            serial, attempt = serial + 1, 0
+            key = f"client-{index}:c{index}-{serial}:{uuid.uuid4().hex}"
+        attempt += 1
         cell_id = f"c{index}-{serial}"
         query = urlencode(
             {
@@ -141,28 +153,40 @@ def run_client(index: int, plan: ClientPlan, ledger: Ledger, stop: threading.Eve
         sent = ledger.begin()
         try:
             conn.request(
-                "POST", f"{ROUTE}?{query}", plan.images[serial % len(plan.images)], headers
+                "POST",
+                f"{ROUTE}?{query}",
+                plan.images[serial % len(plan.images)],  # a retry sends the same bytes
+                {**headers, "Idempotency-Key": key},
             )
             reply = conn.getresponse()
             body = reply.read()
         except (OSError, http.client.HTTPException) as exc:
-            ledger.end(Outcome(error_kind(exc), cell_id, sent, time.monotonic()))
+            ledger.end(Outcome(error_kind(exc), cell_id, sent, time.monotonic(), attempt=attempt))
             conn.close()
             conn = None
             stop.wait(plan.backoff_s)
             continue
         done = time.monotonic()
         if 200 <= reply.status < 300:
+            key = ""  # answered: the next request is a new cell
             try:
                 answer = json.loads(body)
                 ack = Ack(
-                    answer["inspection_id"], answer["verdict"], answer["label"], cell_id, sent, done
+                    answer["inspection_id"],
+                    answer["verdict"],
+                    answer["label"],
+                    cell_id,
+                    sent,
+                    done,
+                    reply.getheader("Idempotent-Replayed") == "true",
                 )
             except (ValueError, KeyError, TypeError):
-                ledger.end(Outcome("2xx_unreadable", cell_id, sent, done))
+                ledger.end(Outcome("2xx_unreadable", cell_id, sent, done, attempt=attempt))
                 continue
-            ledger.end(Outcome("2xx", cell_id, sent, done), ack)
+            ledger.end(Outcome("2xx", cell_id, sent, done, attempt=attempt), ack)
             continue
+        if reply.status < 500:
+            key = ""  # the request itself is wrong: sending it again would not help
         try:
             code = json.loads(body).get("code", "?")
         except (ValueError, AttributeError):
@@ -170,7 +194,9 @@ def run_client(index: int, plan: ClientPlan, ledger: Ledger, stop: threading.Eve
         retry_after = reply.getheader("Retry-After")
         example = f"Retry-After: {retry_after}; {body[:300].decode(errors='replace')}"
         ledger.end(
-            Outcome(f"{reply.status} {code}", cell_id, sent, done, retry_after is not None),
+            Outcome(
+                f"{reply.status} {code}", cell_id, sent, done, retry_after is not None, attempt
+            ),
             example=example,
         )
         stop.wait(plan.backoff_s)
@@ -194,6 +220,7 @@ class DatabaseCheck:
     # Racy while clients run (answers still on their way): only the final check's counts.
     unacknowledged_records: int
     duplicate_cells: int  # one request recorded twice
+    duplicate_keys: int  # rows beyond the first for one Idempotency-Key (a unique index forbids)
     integrity: str  # "ok" or the problems
     integrity_method: str
     # What the client got instead for those, by outcome kind (final check only).
@@ -207,6 +234,7 @@ class DatabaseCheck:
             self.lost == 0
             and self.mismatched == 0
             and self.duplicate_cells == 0
+            and self.duplicate_keys == 0
             and self.integrity == "ok"
         )
 
@@ -229,7 +257,8 @@ def check_database(
         with engine.connect() as conn:
             rows = conn.execute(
                 text(
-                    "SELECT id, verdict, label, cell_id FROM inspections WHERE line_id LIKE :lines"
+                    "SELECT id, verdict, label, cell_id, idempotency_key FROM inspections"
+                    " WHERE line_id LIKE :lines"
                 ),
                 {"lines": f"{run_id}-%"},
             ).all()
@@ -253,6 +282,7 @@ def check_database(
         {} if answers is None else dict(Counter(answers.get(r[3], "none") for r in unacknowledged))
     )
     cells = Counter(r[3] for r in rows)
+    keys = Counter(r[4] for r in rows if r[4] is not None)
     return DatabaseCheck(
         acknowledged=len(acks),
         records=len(rows),
@@ -261,6 +291,7 @@ def check_database(
         unacknowledged_records=len(unacknowledged),
         unacknowledged_answers=explained,
         duplicate_cells=sum(n - 1 for n in cells.values() if n > 1),
+        duplicate_keys=sum(n - 1 for n in keys.values() if n > 1),
         integrity=integrity,
         integrity_method=method,
         lost_ids=lost[:10],

@@ -19,7 +19,7 @@ from cellinspect.models.store import IntegrityError, ModelNotFoundError
 from cellinspect.serving.batcher import DeadlineExceeded, Overloaded
 from cellinspect.serving.limits import BodyTooLarge
 from cellinspect.serving.policy import NonFiniteProbabilities
-from cellinspect.serving.records import RecordStoreUnavailable
+from cellinspect.serving.records import IdempotencyKeyReused, RecordStoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,11 @@ def install_error_handlers(app: FastAPI) -> None:
         log.error("model output invalid, answered 500: %s", exc)
         return error_response(500, "model_output_invalid", str(exc))
 
+    @app.exception_handler(IdempotencyKeyReused)
+    async def _key_reused(_: Request, exc: IdempotencyKeyReused) -> JSONResponse:
+        # The draft's answer to a key reused with another payload: nothing was inspected.
+        return error_response(422, "idempotency_key_reused", str(exc))
+
     @app.exception_handler(RecordStoreUnavailable)
     async def _records(_: Request, exc: RecordStoreUnavailable) -> JSONResponse:
         log.error("inspection not recorded, answered 503: %s", exc)
@@ -112,6 +117,7 @@ def install_error_handlers(app: FastAPI) -> None:
             # A COMMIT whose acknowledgement was lost may have landed: say so (seen in
             # benchmarks/kill_loop.py --restart-postgres, 7 of 1,691 503s).
             "the records database did not confirm this inspection; retry shortly "
-            "(if the database failed after committing, it is already recorded)",
+            "(if the database failed after committing, it is already recorded: retry with "
+            "the same Idempotency-Key to get that answer instead of a second record)",
             2.0,
         )

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from cellinspect.models.card import Verdict
 from cellinspect.serving.heatmaps import encode_heatmap
+from cellinspect.serving.idempotency import find_replay, replayed_answer
 from cellinspect.serving.policy import decide
 from cellinspect.serving.records import InspectionRecord
 from cellinspect.serving.schemas import HeatmapFormat, InspectResponse, ModelInfo, Timings
@@ -68,12 +69,19 @@ async def inspect_image(
     origin: Origin,
     started: float,
     heatmap: HeatmapFormat | None = None,
+    idempotency_key: str | None = None,
 ) -> InspectResponse:
     """Inspect one encoded image; returns only after the record is durably stored.
 
     With `heatmap`, the answer carries the model's defect heatmap in that format (null
     for a model without one: the verdict is what the line needs, so it is never refused).
+    With `idempotency_key`, a key already recorded answers that record again, marked
+    replayed (no heatmap), and nothing is inspected or recorded a second time.
     """
+    if idempotency_key is not None:
+        replay = await find_replay(service.records, idempotency_key, data, origin)
+        if replay is not None:
+            return replay
     settings = service.settings
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.deadline_ms / 1000.0 - (time.perf_counter() - started)
@@ -123,8 +131,12 @@ async def inspect_image(
         timings=Timings(**timings),
         image_sha256=decoded.sha256,
         archive_path=archived,
+        defect_probability=decision.defect_probability,
+        idempotency_key=idempotency_key,
     )
-    await service.records.add(record)  # durable before the answer leaves
+    stored = await service.records.add(record)  # durable before the answer leaves
+    if stored is not None:  # a request with the same key was recorded first: answer that
+        return replayed_answer(stored, image_sha256=decoded.sha256, origin=origin)
     timings["total_ms"] = (time.perf_counter() - started) * 1000.0
     metrics = service.metrics
     metrics.observe_timings(**timings)

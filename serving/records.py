@@ -8,6 +8,10 @@ the writer holds them for the next commit of records (up to `SHADOW_FLUSH_S`, so
 no commit of their own while inspections flow), and they are refused when the writer is
 behind. Reads run synchronously in the caller's thread; the API calls them off the event
 loop.
+
+A record may carry the client's idempotency key (unique). The writer inserts records
+ignoring conflicts on that key, so a duplicate never fails the rest of its group: the
+record written first stays, and the waiter of a duplicate gets that record back instead.
 """
 
 from __future__ import annotations
@@ -23,29 +27,34 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import (
     JSON,
+    Connection,
     DateTime,
     Dialect,
     Engine,
     Float,
     Index,
     String,
+    Table,
     bindparam,
     create_engine,
     event,
     func,
     insert,
+    inspect,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.schema import Column, CreateIndex
 from sqlalchemy.types import TypeDecorator
 
 from cellinspect.models.card import Verdict
@@ -68,6 +77,10 @@ SHADOW_FLUSH_S = 1.0
 
 class RecordStoreUnavailable(RuntimeError):
     """The records database cannot take or serve records right now (down, disk error, closed)."""
+
+
+class IdempotencyKeyReused(ValueError):
+    """An idempotency key already recorded for another request (other image or origin)."""
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -127,6 +140,13 @@ class InspectionRow(Base):
     shadow_model_version: Mapped[str | None] = mapped_column(String(64))
     shadow_label: Mapped[str | None] = mapped_column(String(128))
     shadow_verdict: Mapped[str | None] = mapped_column(String(8))
+    # Added after the first release: nullable, so `_upgrade_schema` can add them in place.
+    defect_probability: Mapped[float | None] = mapped_column(Float)
+    # The client's Idempotency-Key: one record per key, found again by this unique index.
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True, index=True)
+
+
+_TABLE = cast(Table, InspectionRow.__table__)
 
 
 class InspectionRecord(BaseModel):
@@ -152,6 +172,8 @@ class InspectionRecord(BaseModel):
     shadow_model_version: str | None = Field(None, max_length=64)
     shadow_label: str | None = Field(None, max_length=128)
     shadow_verdict: Verdict | None = None
+    defect_probability: float | None = None  # what the thresholds acted on (null: older rows)
+    idempotency_key: str | None = Field(None, max_length=128)
 
 
 class InspectionQuery(BaseModel):
@@ -174,10 +196,38 @@ def _row_values(record: InspectionRecord) -> dict[str, Any]:
     return values
 
 
+def _keyed_elsewhere(
+    conn: Connection, records: list[InspectionRecord]
+) -> dict[str, InspectionRecord]:
+    """After an insert that skipped key conflicts: record id -> the record stored under its
+    idempotency key, for each record that was skipped (its key belongs to another record)."""
+    keys = {r.idempotency_key for r in records if r.idempotency_key is not None}
+    if not keys:
+        return {}
+    table = _TABLE
+    stored = conn.execute(
+        select(table.c.idempotency_key, table.c.id).where(table.c.idempotency_key.in_(keys))
+    ).all()
+    owners: dict[str, str] = {key: record_id for key, record_id in stored}
+    skipped = {
+        r.id: owners[r.idempotency_key]
+        for r in records
+        if r.idempotency_key is not None and owners[r.idempotency_key] != r.id
+    }
+    if not skipped:
+        return {}
+    # Rare (a retry racing its original): read the winners' whole rows for their waiters.
+    rows = conn.execute(select(table).where(table.c.id.in_(set(skipped.values()))))
+    winners = {row.id: InspectionRecord.model_validate(dict(row._mapping)) for row in rows}
+    return {record_id: winners[owner] for record_id, owner in skipped.items()}
+
+
 @dataclass(slots=True)
 class _Pending:
     record: InspectionRecord
-    future: asyncio.Future[None]
+    # None once `record` is committed; the record already stored under its idempotency key
+    # when another request's came first (and this one was not written).
+    future: asyncio.Future[InspectionRecord | None]
     loop: asyncio.AbstractEventLoop
 
 
@@ -218,15 +268,28 @@ def _shadow_values(result: ShadowResult) -> dict[str, str]:
 _STOP = object()  # sentinel: the writer drains everything queued before it, then exits
 
 
-def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+_Outcome = tuple[asyncio.Future[InspectionRecord | None], InspectionRecord | None]
+
+
+def _settle(outcomes: list[_Outcome], error: BaseException | None) -> None:
     # Runs on the requests' loop; a request may have been cancelled meanwhile.
-    for future in futures:
+    for future, stored in outcomes:
         if future.done():
             continue
         if error is None:
-            future.set_result(None)
+            future.set_result(stored)
         else:
             future.set_exception(error)
+
+
+def _insert_statement(dialect: str) -> Any:
+    """INSERT of records that skips a row whose idempotency key is already stored (in the
+    table or earlier in the same group), so that one duplicate never fails its group; other
+    conflicts (a duplicate id) still raise."""
+    builder = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return builder(InspectionRow).on_conflict_do_nothing(
+        index_elements=[InspectionRow.idempotency_key]
+    )
 
 
 def _unavailable(exc: BaseException) -> RecordStoreUnavailable:
@@ -262,6 +325,7 @@ class RecordStore:
         self.on_commit = on_commit
         self.engine = _create_engine(url)
         self.backend = self.engine.dialect.name
+        self._insert = _insert_statement(self.backend)
         self._queue: queue.SimpleQueue[_Queued | object] = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders "closed" against enqueueing
         self._closed = False
@@ -275,6 +339,7 @@ class RecordStore:
         while True:
             try:
                 Base.metadata.create_all(self.engine)
+                _upgrade_schema(self.engine)
                 return
             except SQLAlchemyError as exc:
                 error = _unavailable(exc)
@@ -331,10 +396,15 @@ class RecordStore:
 
     # -- writes ----------------------------------------------------------------------------
 
-    async def add(self, record: InspectionRecord) -> None:
-        """Return once `record` is durably committed; RecordStoreUnavailable if it cannot be."""
+    async def add(self, record: InspectionRecord) -> InspectionRecord | None:
+        """Return once `record` is durably committed; RecordStoreUnavailable if it cannot be.
+
+        None when `record` was written. When its idempotency key was already recorded (by
+        another request, or earlier in the same commit group), `record` is not written and
+        the record stored under that key comes back instead.
+        """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        future: asyncio.Future[InspectionRecord | None] = loop.create_future()
         if self._writer is None:
             self.start_sync()
         with self._lock:
@@ -346,7 +416,7 @@ class RecordStore:
             # gets an answer. The record may still land later (at-least-once on retry).
             # A timeout (or a cancelled request) cancels `future`; the writer skips it then.
             async with asyncio.timeout(self.commit_timeout_s):
-                await future
+                return await future
         except TimeoutError:
             raise RecordStoreUnavailable(
                 f"inspection record not committed within {self.commit_timeout_s:g} s"
@@ -431,11 +501,13 @@ class RecordStore:
         started = time.perf_counter()
         records = [item for item in batch if isinstance(item, _Pending)]
         results = [item for item in batch if isinstance(item, ShadowResult)]
+        replays: dict[str, InspectionRecord] = {}
         try:
             with self.engine.begin() as conn:
                 # Shadow results come after their records' commits: their rows are there.
                 if records:
-                    conn.execute(insert(InspectionRow), [_row_values(p.record) for p in records])
+                    conn.execute(self._insert, [_row_values(p.record) for p in records])
+                    replays = _keyed_elsewhere(conn, [p.record for p in records])
                 if results:
                     conn.execute(_SHADOW_UPDATE, [_shadow_values(r) for r in results])
         # The writer must outlive any failure: every waiter gets an answer, and the next
@@ -458,9 +530,9 @@ class RecordStore:
             )
             self._release(records, error)
             return
-        if records:
-            self._report(len(records), time.perf_counter() - started)
-        self._release(records, None)
+        if written := len(records) - len(replays):
+            self._report(written, time.perf_counter() - started)
+        self._release(records, None, replays)
 
     def _report(self, size: int, seconds: float) -> None:
         if self.on_commit is None:
@@ -471,16 +543,21 @@ class RecordStore:
             logger.exception("records: on_commit callback failed")
 
     @staticmethod
-    def _release(batch: list[_Pending], error: RecordStoreUnavailable | None) -> None:
+    def _release(
+        batch: list[_Pending],
+        error: RecordStoreUnavailable | None,
+        replays: dict[str, InspectionRecord] | None = None,
+    ) -> None:
         # One wake-up per event loop, not per record: each call_soon_threadsafe is a
         # self-pipe write and a GIL hand-over, which adds up at hundreds of records/s.
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
         for pending in batch:
-            by_loop.setdefault(pending.loop, []).append(pending.future)
-        for loop, futures in by_loop.items():
+            stored = replays.get(pending.record.id) if replays else None
+            by_loop.setdefault(pending.loop, []).append((pending.future, stored))
+        for loop, outcomes in by_loop.items():
             # RuntimeError: the request's loop is gone (shutdown); nobody is waiting.
             with suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, futures, error)
+                loop.call_soon_threadsafe(_settle, outcomes, error)
 
     def ping(self) -> bool:
         """True when the database answers a trivial query now (for readiness probes)."""
@@ -506,6 +583,13 @@ class RecordStore:
         """The record with this id, or None."""
         with self._session() as session:
             row = session.get(InspectionRow, record_id)
+            return None if row is None else InspectionRecord.model_validate(row)
+
+    def get_by_idempotency_key(self, key: str) -> InspectionRecord | None:
+        """The record stored under this idempotency key, or None (one unique-index lookup)."""
+        statement = select(InspectionRow).where(InspectionRow.idempotency_key == key)
+        with self._session() as session:
+            row = session.scalars(statement).first()
             return None if row is None else InspectionRecord.model_validate(row)
 
     def query(self, q: InspectionQuery) -> tuple[list[InspectionRecord], int]:
@@ -603,6 +687,54 @@ def open_existing(url: str) -> RecordStore:
         if not path.is_file():
             raise FileNotFoundError(f"no records database at {path}")
     return RecordStore(url)
+
+
+def _upgrade_schema(engine: Engine) -> None:
+    """Bring an `inspections` table made by an earlier version up to date in place: add the
+    columns and indexes it lacks. Additive only (every column added since the first release
+    is nullable: old rows read NULL), so it is safe on a live database and runs at each start."""
+    try:
+        _add_missing(engine)
+    except SQLAlchemyError:
+        # A second worker starting beside this one may have added them first: fine if done.
+        if any(_missing(engine)):
+            raise
+
+
+def _missing(engine: Engine) -> tuple[list[Column[Any]], list[Index]]:
+    """The table's columns and indexes that the database lacks."""
+    table = _TABLE
+    found = inspect(engine)
+    columns = {c["name"] for c in found.get_columns(table.name)}
+    indexes = {i["name"] for i in found.get_indexes(table.name)}
+    return (
+        [c for c in table.columns if c.name not in columns],
+        [i for i in table.indexes if i.name not in indexes],
+    )
+
+
+def _add_missing(engine: Engine) -> None:
+    columns, indexes = _missing(engine)
+    if not columns and not indexes:
+        return
+    required = [c.name for c in columns if not c.nullable]
+    if required:
+        raise RuntimeError(
+            f"the records table lacks required column(s) {', '.join(required)}; "
+            "it cannot be upgraded in place"
+        )
+    table = _TABLE
+    with engine.begin() as conn:
+        quote = conn.dialect.identifier_preparer.quote
+        for column in columns:
+            logger.warning("records: upgrading table %s: adding column %s", table.name, column.name)
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(
+                text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
+            )
+        for index in indexes:
+            logger.warning("records: upgrading table %s: adding index %s", table.name, index.name)
+            conn.execute(CreateIndex(index, if_not_exists=True))
 
 
 def _create_engine(url: str) -> Engine:

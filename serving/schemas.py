@@ -6,7 +6,7 @@ from enum import StrEnum
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, StringConstraints, field_validator
 
 from cellinspect.models.card import Verdict
 
@@ -75,6 +75,17 @@ class InspectResponse(BaseModel):
         description="where the model sees defect evidence, scaled to a peak of 1 per image; "
         "null unless asked for, or when the model has no heatmap output",
     )
+    # Not in the body: an answer replayed for a repeated Idempotency-Key says so in a header.
+    _replayed: bool = PrivateAttr(default=False)
+
+    @property
+    def replayed(self) -> bool:
+        """Whether this is the answer recorded earlier under the request's idempotency key."""
+        return self._replayed
+
+    def mark_replayed(self) -> InspectResponse:
+        self._replayed = True
+        return self
 
 
 class ErrorBody(BaseModel):

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from cellinspect.datasets.errors import ImageDecodeError
 from cellinspect.serving.errors import decode_error_status, describe_decode_error
 from cellinspect.serving.frames import FrameResponse, inspect_frame
+from cellinspect.serving.idempotency import REPLAYED, REPLAYED_RESPONSE, IdempotencyKey
 from cellinspect.serving.inspection import Origin, inspect_image
 from cellinspect.serving.schemas import (
     ID_PATTERN,
@@ -91,7 +92,7 @@ HeatmapQuery = Annotated[
 @router.post(
     "",
     response_model=InspectResponse,
-    responses=IMAGE_ERRORS,
+    responses={**IMAGE_ERRORS, **REPLAYED_RESPONSE},
     openapi_extra=IMAGE_BODY,
     summary="Inspect one image",
 )
@@ -102,6 +103,7 @@ async def inspect(
     origin: OriginDep,
     model: ModelRef = None,
     heatmap: HeatmapQuery = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     started = time.perf_counter()
     upload = await read_single(request)
@@ -112,6 +114,7 @@ async def inspect(
         origin=origin,
         started=started,
         heatmap=heatmap,
+        idempotency_key=idempotency_key,
     )
     # Serialised once by pydantic-core: FastAPI would validate the model again first, and
     # at line rate that second pass is measurable (benchmarks/RESULTS.md).
@@ -121,6 +124,7 @@ async def inspect(
         headers={
             "X-Processing-Time": f"{result.timings.total_ms:.2f}ms",
             "X-Model-Version": f"{result.model.name}@{result.model.version}",
+            **(REPLAYED if result.replayed else {}),
         },
     )
 

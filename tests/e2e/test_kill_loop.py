@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from cellinspect.models.card import Verdict
 from cellinspect.serving.records import InspectionRecord, RecordStore
@@ -53,7 +54,8 @@ def kill_loop(tmp_path: Path, *args: str) -> dict[str, Any]:
     report = json.loads(out.read_text())
     final = report["final"]
     assert report["acknowledged"] > 0 and final["acknowledged"] == report["acknowledged"]
-    assert (final["lost"], final["mismatched"], final["duplicate_cells"]) == (0, 0, 0), final
+    doubled = (final["duplicate_cells"], final["duplicate_keys"])
+    assert (final["lost"], final["mismatched"], *doubled) == (0, 0, 0, 0), final
     assert final["integrity"] == "ok", final
     assert all(c["lost"] == 0 and c["integrity"] == "ok" for c in report["checks_after_restart"])
     assert report["seconds"] <= TIME_LIMIT_S + 10
@@ -72,11 +74,14 @@ def load_killkit(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
-def stored(record_id: str, line_id: str, cell_id: str, verdict: Verdict) -> InspectionRecord:
+def stored(
+    record_id: str, line_id: str, cell_id: str, verdict: Verdict, key: str | None = None
+) -> InspectionRecord:
     return InspectionRecord(
         id=record_id,
         line_id=line_id,
         cell_id=cell_id,
+        idempotency_key=key,
         model_name="bench",
         model_version="1",
         label="ok",
@@ -103,6 +108,15 @@ def test_checker_reports_lost_changed_and_doubled_records(
                 stored("other-run", "run-2-pass", "c0-0", Verdict.PASS),
             ]
         )
+        # What the unique index forbids, forced in: one key recorded for two cells.
+        with store.engine.begin() as conn:
+            conn.execute(text("DROP INDEX ix_inspections_idempotency_key"))
+        store.add_many_sync(
+            [
+                stored("keyed-a", "run-1-card", "c3-0", Verdict.SCRAP, key="client-3:c3-0:x"),
+                stored("keyed-b", "run-1-card", "c3-1", Verdict.SCRAP, key="client-3:c3-0:x"),
+            ]
+        )
     acks = [
         killkit.Ack("kept", "pass", "ok", "c0-0", 0.0, 0.0),
         killkit.Ack("changed", "scrap", "ok", "c1-0", 0.0, 0.0),
@@ -110,9 +124,10 @@ def test_checker_reports_lost_changed_and_doubled_records(
     ]
     answers = {"c1-0": "2xx", "c2-0": "503 records_unavailable"}
     check = killkit.check_database(url, "run-1", acks, answers)
-    assert (check.records, check.lost, check.mismatched, check.duplicate_cells) == (4, 1, 1, 1)
+    counts = (check.records, check.lost, check.mismatched, check.duplicate_cells)
+    assert counts == (6, 1, 1, 1) and check.duplicate_keys == 1
     assert check.lost_ids == ["lost"] and check.mismatches[0]["stored"] == "review/ok"
-    assert check.unacknowledged_answers == {"2xx": 1, "503 records_unavailable": 1}
+    assert check.unacknowledged_answers == {"2xx": 1, "503 records_unavailable": 1, "none": 2}
     assert check.integrity == "ok" and not check.ok
 
 

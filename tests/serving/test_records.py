@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError
 
 from cellinspect.models.card import Verdict
@@ -276,3 +276,111 @@ def test_database_that_comes_up_during_the_wait_is_used(
         assert store.ping()
     assert len(attempts) == 3
     assert attempts[-1] - attempts[0] >= 1.5  # it waited between attempts, it did not spin
+
+
+# -- idempotency keys and upgrading older databases (shared with test_records_postgres.py) --
+
+
+def check_duplicate_key_in_a_group_keeps_the_others(url: str) -> None:
+    """A key already stored, and a key twice in one group: the rest of the group is written."""
+    commits: list[int] = []
+    # A generous gathering window: every add below lands in one commit group.
+    with RecordStore(url, commit_wait_ms=200, on_commit=lambda n, _s: commits.append(n)) as store:
+        first = make_record(0, idempotency_key="st-1:cell-0:a")
+        store.add_many_sync([first])
+        twins = [make_record(i, idempotency_key="st-1:cell-20:a") for i in (20, 21)]
+
+        async def main() -> list[Any]:
+            return await asyncio.gather(
+                store.add(make_record(1, idempotency_key=first.idempotency_key)),
+                *(
+                    store.add(make_record(i, idempotency_key=f"st-1:cell-{i}:a"))
+                    for i in range(2, 12)
+                ),
+                store.add(make_record(12)),  # no key at all
+                *(store.add(t) for t in twins),
+            )
+
+        results = asyncio.run(main())
+        assert results[0] == first  # not written: the stored record comes back
+        assert results[1:12] == [None] * 11
+        winner = next(t for t in twins if store.get(t.id) is not None)
+        assert results[12:] == [None if t is winner else winner for t in twins]
+        assert commits == [12], commits  # one transaction, nothing failed
+        assert store.count() == 13
+        assert store.get_by_idempotency_key("st-1:cell-20:a") == winner
+        assert store.get_by_idempotency_key("never-used") is None
+
+
+def test_duplicate_key_in_a_group_keeps_the_others(url: str) -> None:
+    check_duplicate_key_in_a_group_keeps_the_others(url)
+
+
+def test_duplicate_id_still_fails_while_keys_are_in_use(store: RecordStore) -> None:
+    first = make_record(0, idempotency_key="k-0")
+    store.add_many_sync([first])
+    with pytest.raises(RecordStoreUnavailable):
+        asyncio.run(store.add(make_record(1, id=first.id, idempotency_key="k-1")))
+    assert store.count() == 1
+
+
+# The table as the first release created it, before defect_probability and idempotency_key
+# ({timestamp}: DATETIME on SQLite, TIMESTAMP WITH TIME ZONE on PostgreSQL).
+OLD_SCHEMA = [
+    """CREATE TABLE inspections (
+        id VARCHAR(32) NOT NULL, created {timestamp} NOT NULL, line_id VARCHAR(128),
+        station_id VARCHAR(128), cell_id VARCHAR(128), model_name VARCHAR(128) NOT NULL,
+        model_version VARCHAR(64) NOT NULL, label VARCHAR(128) NOT NULL,
+        confidence FLOAT NOT NULL, probabilities JSON NOT NULL, verdict VARCHAR(8) NOT NULL,
+        timings JSON NOT NULL, image_sha256 VARCHAR(64) NOT NULL, archive_path VARCHAR(512),
+        frame_regions JSON, shadow_model_version VARCHAR(64), shadow_label VARCHAR(128),
+        shadow_verdict VARCHAR(8), PRIMARY KEY (id))""",
+    "CREATE INDEX ix_inspections_cell_id ON inspections (cell_id)",
+    "CREATE INDEX ix_inspections_station_id ON inspections (station_id)",
+    "CREATE INDEX ix_inspections_line_created ON inspections (line_id, created)",
+    "CREATE INDEX ix_inspections_verdict ON inspections (verdict)",
+    "CREATE INDEX ix_inspections_created ON inspections (created)",
+    "CREATE INDEX ix_inspections_line_id ON inspections (line_id)",
+    """INSERT INTO inspections (id, created, line_id, station_id, cell_id, model_name,
+        model_version, label, confidence, probabilities, verdict, timings, image_sha256)
+        VALUES ('{old_id}', '2024-05-01 08:00:00', 'line-1', 'st-1', 'cell-old', 'm', '1',
+        'crack', 0.9, '{{"good": 0.1, "crack": 0.9}}', 'scrap', '{{}}', '{sha}')""",
+]
+OLD_ID = "a" * 32
+
+
+def check_old_database_upgrades_in_place(url: str, timestamp: str) -> None:
+    setup = create_engine(url)
+    with setup.begin() as conn:
+        for statement in OLD_SCHEMA:
+            conn.execute(text(statement.format(timestamp=timestamp, old_id=OLD_ID, sha="0" * 64)))
+    for _ in range(2):  # the second start finds nothing to do
+        with RecordStore(url) as store:
+            old = store.get(OLD_ID)
+            assert old is not None and (old.verdict, old.cell_id) == (Verdict.SCRAP, "cell-old")
+            assert old.idempotency_key is None and old.defect_probability is None
+            if store.count() == 1:
+                keyed = make_record(1, idempotency_key="st-1:cell-1:a", defect_probability=0.2)
+                assert asyncio.run(store.add(keyed)) is None
+                assert asyncio.run(store.add(make_record(2, idempotency_key="st-1:cell-1:a")))
+                assert store.get(keyed.id) == keyed
+            assert store.count() == 2
+    indexes = {i["name"]: i for i in inspect(setup).get_indexes("inspections")}
+    assert indexes["ix_inspections_idempotency_key"]["unique"]
+    assert indexes["ix_inspections_idempotency_key"]["column_names"] == ["idempotency_key"]
+    setup.dispose()
+
+
+def test_old_sqlite_database_upgrades_in_place_and_keeps_its_rows(url: str) -> None:
+    Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True)
+    check_old_database_upgrades_in_place(url, "DATETIME")
+
+
+def test_table_lacking_a_required_column_is_refused(url: str) -> None:
+    Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True)
+    setup = create_engine(url)
+    with setup.begin() as conn:
+        conn.execute(text("CREATE TABLE inspections (id VARCHAR(32) PRIMARY KEY)"))
+    setup.dispose()
+    with pytest.raises(RuntimeError, match="lacks required column.*created"):
+        RecordStore(url)

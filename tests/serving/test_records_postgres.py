@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, text
+from sqlalchemy import create_engine, delete, text
 from sqlalchemy.engine import make_url
 
 from cellinspect.models.card import Verdict
@@ -27,7 +28,12 @@ from cellinspect.serving.records import (
     RecordStoreUnavailable,
 )
 
-from .test_records import T0, make_record
+from .test_records import (
+    T0,
+    check_duplicate_key_in_a_group_keeps_the_others,
+    check_old_database_upgrades_in_place,
+    make_record,
+)
 
 URL_ENV = "CELLINSPECT_TEST_POSTGRES_URL"
 URL = os.environ.get(URL_ENV)
@@ -195,3 +201,23 @@ def test_terminated_connections_are_replaced(store: RecordStore) -> None:
         )
     asyncio.run(store.add(make_record(1)))  # pool_pre_ping finds the dead connection
     assert store.count() == 2
+
+
+def test_duplicate_key_in_a_group_keeps_the_others(url: str) -> None:
+    check_duplicate_key_in_a_group_keeps_the_others(url)
+
+
+def test_old_database_upgrades_in_place_and_keeps_its_rows() -> None:
+    # A database of its own: the shared one's table is already upgraded by the other tests.
+    assert URL
+    server = create_engine(make_url(URL).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    name = f"cellinspect_upgrade_{secrets.token_hex(4)}"
+    with server.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        url = make_url(URL).set(database=name).render_as_string(hide_password=False)
+        check_old_database_upgrades_in_place(url, "TIMESTAMP WITH TIME ZONE")
+    finally:
+        with server.connect() as conn:
+            conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+        server.dispose()

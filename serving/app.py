@@ -15,6 +15,7 @@ from cellinspect.serving.archive import ImageArchive
 from cellinspect.serving.auth import ApiKeyAuth
 from cellinspect.serving.engine import DecodePool, ModelRegistry
 from cellinspect.serving.errors import install_error_handlers
+from cellinspect.serving.gate import RequestGate
 from cellinspect.serving.limits import BodySizeLimit
 from cellinspect.serving.metrics import BatcherStats, ServiceMetrics
 from cellinspect.serving.records import RecordStore
@@ -111,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGate, service=service)  # added last: runs first
     install_error_handlers(app)
     for router in (health.router, inspect.router, inspections.router, models.router, v2.router):
         app.include_router(router)

@@ -531,13 +531,22 @@ class DecodePool:
         self._decode_s = 0.9 * self._decode_s + 0.1 * decoded.decode_ms / 1000
         return decoded
 
+    @property
+    def full(self) -> bool:
+        """Every worker slot taken and `max_waiting` callers waiting: the next one is refused."""
+        return self._slots.locked() and self._waiting >= self.max_waiting
+
+    def retry_after_s(self) -> float:
+        """A guess at how long the images waiting now take to decode."""
+        return max(0.05, self._waiting * self._decode_s / self.workers)
+
     async def run(self, fn: Callable[..., _T], *args: object) -> _T:
         """`fn(*args)` on a decode worker, admitted as a decode is (Overloaded when full)."""
-        if self._slots.locked() and self._waiting >= self.max_waiting:
+        if self.full:
             self.rejected += 1
             raise Overloaded(
                 f"decode queue is full ({self._waiting} images waiting)",
-                retry_after_s=max(0.05, self._waiting * self._decode_s / self.workers),
+                retry_after_s=self.retry_after_s(),
             )
         self._waiting += 1
         try:

@@ -39,12 +39,18 @@ class RequestError(Exception):
         super().__init__(detail)
 
 
+OVERLOADED_DETAIL = "inspection queue is full; retry shortly"
+
+
+def retry_after_value(seconds: float) -> str:
+    """Retry-After in whole seconds (the header has no fractions), at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
 def error_response(
     status: int, code: str, detail: str, retry_after: float | None = None
 ) -> JSONResponse:
-    headers = (
-        {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
-    )
+    headers = {"Retry-After": retry_after_value(retry_after)} if retry_after is not None else None
     return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
 
 
@@ -83,13 +89,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(409, "integrity", str(exc))
 
     @app.exception_handler(Overloaded)
-    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
-        return error_response(
-            503, "overloaded", "inspection queue is full; retry shortly", exc.retry_after_s
-        )
+    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        request.app.state.service.metrics.rejected.labels("overloaded").inc()
+        return error_response(503, "overloaded", OVERLOADED_DETAIL, exc.retry_after_s)
 
     @app.exception_handler(DeadlineExceeded)
-    async def _deadline(_: Request, exc: DeadlineExceeded) -> JSONResponse:
+    async def _deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        request.app.state.service.metrics.rejected.labels("deadline").inc()
         return error_response(
             503,
             "deadline_exceeded",

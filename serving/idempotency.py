@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Header
 
+from cellinspect.serving.errors import RequestError
 from cellinspect.serving.records import IdempotencyKeyReused, InspectionRecord, RecordStore
 from cellinspect.serving.schemas import InspectResponse, ModelInfo
 
@@ -66,6 +67,24 @@ async def idempotency_key(
 
 
 IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]
+
+
+async def refuse_idempotency_key(
+    key: Annotated[str | None, Header(alias=IDEMPOTENCY_HEADER, include_in_schema=False)] = None,
+) -> None:
+    """On the routes that do not honour keys: refuse one rather than ignore it, so a station
+    never retries believing it is protected from a second record."""
+    if key is not None:
+        raise RequestError(
+            400,
+            "idempotency_key_unsupported",
+            f"{IDEMPOTENCY_HEADER} is honoured on POST /v1/inspect only; a retry of this "
+            "request would record its images again. Send images one by one to /v1/inspect to "
+            "retry safely, or drop the header",
+        )
+
+
+REFUSES_KEY = [Depends(refuse_idempotency_key)]
 
 
 def replayed_answer(

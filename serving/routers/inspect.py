@@ -11,7 +11,12 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from cellinspect.datasets.errors import ImageDecodeError
 from cellinspect.serving.errors import decode_error_status, describe_decode_error
 from cellinspect.serving.frames import FrameResponse, inspect_frame
-from cellinspect.serving.idempotency import REPLAYED, REPLAYED_RESPONSE, IdempotencyKey
+from cellinspect.serving.idempotency import (
+    REFUSES_KEY,
+    REPLAYED,
+    REPLAYED_RESPONSE,
+    IdempotencyKey,
+)
 from cellinspect.serving.inspection import Origin, inspect_image
 from cellinspect.serving.schemas import (
     ID_PATTERN,
@@ -135,6 +140,7 @@ async def inspect(
     responses=IMAGE_ERRORS,
     openapi_extra=BATCH_BODY,
     summary="Inspect several images (multipart file parts), one result each, order kept",
+    dependencies=REFUSES_KEY,
 )
 async def inspect_batch(
     request: Request,
@@ -179,6 +185,7 @@ async def inspect_batch(
     responses=IMAGE_ERRORS,
     openapi_extra=IMAGE_BODY,
     summary="Inspect a line-scan frame: defect regions in pixels (and mm) and a frame verdict",
+    dependencies=REFUSES_KEY,
 )
 async def inspect_frame_route(
     request: Request,

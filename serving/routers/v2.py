@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from cellinspect.models.card import PROBABILITIES_NAME
 from cellinspect.serving.errors import RequestError
+from cellinspect.serving.idempotency import REFUSES_KEY
 from cellinspect.serving.inspection import Origin, inspect_image
 from cellinspect.serving.oip import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from cellinspect.serving.schemas import IMAGE_ERRORS
@@ -116,6 +117,7 @@ async def model_ready(service: ServiceDep, _: StationRole, name: ModelName) -> d
     responses=IMAGE_ERRORS,
     openapi_extra=INFER_BODY,
     summary="Infer: FP32 image tensors or BYTES encoded images",
+    dependencies=REFUSES_KEY,
 )
 async def infer(request: Request, service: ServiceDep, _: StationRole, name: ModelName) -> Response:
     started = time.perf_counter()

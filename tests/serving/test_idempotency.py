@@ -139,3 +139,13 @@ def test_openapi_documents_the_key_and_the_replay_header(client: TestClient) -> 
     assert ok["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/InspectResponse"
     }
+
+
+def test_routes_that_do_not_honour_keys_refuse_them(client: TestClient) -> None:
+    """A station must never retry a batch, frame or v2 request believing it is protected."""
+    headers = {**auth("station"), "Idempotency-Key": "st-1:cell-9:a1"}
+    for path in ("/v1/inspect/batch", "/v1/inspect/frame", "/v2/models/tiny/infer"):
+        reply = client.post(path, content=png(0), headers={**headers, "Content-Type": "image/png"})
+        assert reply.status_code == 400, path
+        assert reply.json()["code"] == "idempotency_key_unsupported"
+        assert "/v1/inspect" in reply.json()["detail"]

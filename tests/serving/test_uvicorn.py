@@ -85,3 +85,23 @@ def test_production_mode_refuses_placeholder_keys(home: Path) -> None:
     )
     assert r.returncode == 2
     assert "placeholder" in r.stderr and "changeme" not in r.stderr
+
+
+def test_camera_posts_images_with_an_idempotency_key_each(server: str, home: Path) -> None:
+    """The simulated line camera (the README demo's last step) against a real server."""
+    env = {**os.environ, "CELLINSPECT_CAMERA_KEY": KEYS["station"], "COLUMNS": "200"}
+    out = subprocess.run(
+        [sys.executable, "-m", "cellinspect.cli", "camera", "--url", server]
+        + ["--count", "3", "--rate", "50", "--station-id", "st-7"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("verdict=") == 3 and "sent 3" in out.stdout
+    with httpx.Client(base_url=server, timeout=10) as c:
+        items = c.get("/v1/inspections", headers={"X-API-Key": KEYS["operator"]}).json()["items"]
+    keys = sorted(item["idempotency_key"] for item in items)
+    assert len(set(keys)) == 3
+    assert all(k.startswith(f"st-7:cell-123-0000{i}:") for i, k in enumerate(keys))

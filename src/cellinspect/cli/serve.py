@@ -6,6 +6,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import Counter
 
 import numpy as np
@@ -74,8 +75,14 @@ def camera(
     ),
     seed: int = typer.Option(123, help="Seed of the synthetic images."),
     size: int = typer.Option(128, min=32, help="Electrode tile side."),
+    retries: int = typer.Option(
+        3, min=0, help="Retries of an image answered 503, after its Retry-After, same key."
+    ),
 ) -> None:
-    """Simulate a line camera: post synthetic electrode tiles and print each verdict."""
+    """Simulate a line camera: post synthetic electrode tiles and print each verdict.
+
+    Each image carries an Idempotency-Key, repeated on its retries after a 503.
+    """
     from cellinspect.datasets.decode import encode_png
     from cellinspect.datasets.synth import ELECTRODE_CLASSES, generate_electrode
 
@@ -86,21 +93,36 @@ def camera(
         started = time.perf_counter()
         truth = str(rng.choice(ELECTRODE_CLASSES))
         image, _ = generate_electrode(truth, rng, size=size)
-        query = f"line_id={line_id}&station_id={station_id}&cell_id=cell-{seed}-{i:05d}"
+        cell = f"cell-{seed}-{i:05d}"
         request = urllib.request.Request(
-            f"{url.rstrip('/')}/v1/inspect?{query}",
+            f"{url.rstrip('/')}/v1/inspect?line_id={line_id}&station_id={station_id}&cell_id={cell}",
             data=encode_png(image),
-            headers={"Content-Type": "image/png", **({"X-API-Key": api_key} if api_key else {})},
+            headers={
+                "Content-Type": "image/png",
+                # One key per image, the same on every retry: a retry after a 503 whose
+                # inspection was recorded after all gets that record, not a second one.
+                "Idempotency-Key": f"{station_id}:{cell}:{uuid.uuid4().hex}",
+                **({"X-API-Key": api_key} if api_key else {}),
+            },
             method="POST",
         )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as reply:
-                body = json.loads(reply.read())
-        except urllib.error.HTTPError as exc:
-            console.print(f"{i:4d} truth={truth:<17} HTTP {exc.code}: {exc.read()[:200]!r}")
+        for attempt in range(retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=10) as reply:
+                    body = json.loads(reply.read())
+                break
+            except urllib.error.HTTPError as exc:
+                detail = exc.read()[:200]
+                if exc.code == 503 and attempt < retries:
+                    time.sleep(float(exc.headers.get("Retry-After", "1")))
+                    continue
+                console.print(f"{i:4d} truth={truth:<17} HTTP {exc.code}: {detail!r}")
+                body = None
+                break
+            except urllib.error.URLError as exc:
+                raise ValueError(f"{url}: service not reachable ({exc.reason})") from None
+        if body is None:
             continue
-        except urllib.error.URLError as exc:
-            raise ValueError(f"{url}: service not reachable ({exc.reason})") from None
         verdicts[body["verdict"]] += 1
         correct += body["label"] == truth
         console.print(

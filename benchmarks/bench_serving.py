@@ -3,10 +3,17 @@
 Side by side in one run, on the same model and image:
   * in-process limit: decode + preprocess + ONNX Runtime (batch 8) in a tight loop;
   * naive: benchmarks/naive_server.py (session.run per request, no batching, no records);
-  * cellinspect: `cellinspect serve` (micro-batching, durable records, archive).
+  * cellinspect: `cellinspect serve` (micro-batching, durable records, archive);
+  * with --compare: other serving stacks doing the same work per image (decode_image,
+    preprocess, ORT with the same threads), each from its own virtual environment made by
+    benchmarks/compare/setup.sh:
+      pytriton: Triton Inference Server 2.51 through PyTriton, dynamic batcher (max batch 8,
+                2 ms max queue delay), posted as a KServe v2 binary BYTES tensor;
+      bentoml:  a BentoML 1.4 service, one worker, raw PNG body, not batched.
 Load comes from wrk (C, one thread) on loopback; each cell is the median of the rounds.
 
     python benchmarks/bench_serving.py [--size 224] [--rounds 3] [--duration 8]
+        [--compare pytriton,bentoml]
 
 Needs the train extra (torch, to export an untrained mobilenet_v3_small: speed does not
 depend on the weights) and `wrk` (Debian package).
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -38,16 +47,31 @@ from cellinspect.models.runtime import create_session
 from cellinspect.models.store import ModelStore
 
 MODEL = "bench"
-LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "image/png"
-local f = io.open(os.getenv("BENCH_IMAGE"), "rb"); wrk.body = f:read("*all"); f:close()
+LUA_DONE = """
 done = function(summary, latency, requests)
   io.write(string.format("RESULT %d %d %d %d %d %d\\n", summary.requests, summary.duration,
     latency:percentile(50), latency:percentile(95), latency:percentile(99),
     summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.timeout))
 end
 """
+LUA = (
+    """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "image/png"
+local f = io.open(os.getenv("BENCH_IMAGE"), "rb"); wrk.body = f:read("*all"); f:close()
+"""
+    + LUA_DONE
+)
+ROOT = Path(__file__).resolve().parents[1]
+COMPARE_DIR = ROOT / "benchmarks" / "compare"
+COMPARE_KINDS = ("pytriton", "bentoml")
+COMPARE_NOTES = {
+    "pytriton": "dynamic batcher (max batch 8, "
+    f"{os.environ.get('BENCH_TRITON_DELAY_US', '2000')} us max queue delay), "
+    "KServe v2 binary BYTES tensor over HTTP",
+    "bentoml": f"1 worker, {os.environ.get('BENCH_BENTO_THREADS', '1')} API thread(s), "
+    "raw PNG body, not batched",
+}
 
 
 def publish_model(home: Path, size: int) -> ModelCard:
@@ -196,6 +220,190 @@ def start_server(
     return proc
 
 
+def require_comparison_venvs(kinds: list[str]) -> None:
+    """Stop with a clear message when a comparison server's virtual environment is missing."""
+    missing = [kind for kind in kinds if not (ROOT / f".venv-{kind}" / "bin" / "python").is_file()]
+    if missing:
+        venvs = ", ".join(f".venv-{kind}" for kind in missing)
+        sys.exit(
+            f"--compare {','.join(missing)}: {venvs} not found at {ROOT}. These servers run in "
+            f"their own virtual environments; create them with:\n"
+            f"    benchmarks/compare/setup.sh {' '.join(missing)}"
+        )
+
+
+def comparison_version(kind: str) -> str:
+    """The comparison server's package and version, as installed in its environment."""
+    package = {"pytriton": "nvidia-pytriton", "bentoml": "bentoml"}[kind]
+    out = subprocess.run(
+        [
+            str(ROOT / f".venv-{kind}" / "bin" / "python"),
+            "-c",
+            f"import importlib.metadata as m; print(m.version({package!r}))",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    return f"{package} {out.stdout.strip() or '?'}"
+
+
+def write_comparison_load(kind: str, home: Path, image: Path) -> tuple[str, Path, Path]:
+    """(route, wrk script, request body file) posting `image` to comparison server `kind`.
+
+    pytriton: a KServe v2 request with the PNG as a binary BYTES tensor, built by
+    pytriton_server.request_body (standard library only, so it loads here); bentoml: the raw
+    PNG, as to the naive server.
+    """
+    if kind == "pytriton":
+        spec = importlib.util.spec_from_file_location(
+            "bench_pytriton_server", COMPARE_DIR / "pytriton_server.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        body, headers, route = module.request_body(image.read_bytes())
+    else:
+        body, headers, route = image.read_bytes(), {"Content-Type": "image/png"}, "/infer"
+    body_path = home / f"{kind}.body"
+    body_path.write_bytes(body)
+    script = home / f"post-{kind}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        + "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n" for k, v in headers.items())
+        + 'local f = io.open(os.getenv("BENCH_IMAGE"), "rb"); wrk.body = f:read("*all"); f:close()\n'
+        + LUA_DONE
+    )
+    return route, script, body_path
+
+
+def _proc_stat(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, process group, start time) of `pid` from /proc, None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def _family(pid: int) -> dict[int, tuple[int, int]]:
+    """`pid` and all its descendants: pid -> (process group, start time)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            stats[int(entry.name)] = stat
+    family, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        if parent in stats:
+            family[parent] = stats[parent][1:]
+        frontier += [child for child, (ppid, _, _) in stats.items() if ppid == parent]
+    return family
+
+
+def stop_server(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """Stop a server started in its own session, and everything it started.
+
+    SIGTERM to the server, up to `grace_s` for it to exit cleanly (PyTriton then stops
+    tritonserver and frees its shared memory; BentoML its workers), then SIGKILL to its
+    process group and to every descendant seen before: BentoML's workers run in sessions of
+    their own, which a kill of the group would miss. A descendant is killed only if it is
+    still the same process (same start time), never a later one that reused its pid.
+    """
+    family = _family(proc.pid)
+    if proc.poll() is None and grace_s > 0:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):  # group gone: all its members exited
+        os.killpg(proc.pid, signal.SIGKILL)
+    own_group = os.getpgrp()
+    for pid, (group, started) in family.items():
+        stat = _proc_stat(pid)
+        if pid != proc.pid and stat is not None and stat[2] == started and group != own_group:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10  # until the killed ones are gone (and their ports free)
+    while time.monotonic() < deadline and any(
+        (stat := _proc_stat(pid)) is not None and stat[2] == started
+        for pid, (_, started) in family.items()
+        if pid != proc.pid
+    ):
+        time.sleep(0.1)
+
+
+def start_comparison(
+    kind: str, home: Path, port: int, threads: int, *, ready_timeout_s: float = 180.0
+) -> subprocess.Popen:
+    """Comparison server `kind` (pytriton, bentoml) on `port`, from its own virtual environment,
+    in its own session, returned once it answers ready; its output goes to home/KIND-PORT.log.
+    """
+    venv = ROOT / f".venv-{kind}" / "bin"
+    if kind == "pytriton":
+        cmd = [
+            str(venv / "python"),
+            str(COMPARE_DIR / "pytriton_server.py"),
+            "--port",
+            str(port),
+            "--workspace",
+            str(home / f"pytriton-{port}"),
+        ]
+        # Not /v2/health/ready: Triton answers it before PyTriton has loaded the model.
+        ready = f"http://127.0.0.1:{port}/v2/models/cellinspect/ready"
+        failed = None  # PyTriton exits when the model cannot be loaded
+    elif kind == "bentoml":
+        cmd = [
+            str(venv / "bentoml"),
+            "serve",
+            "benchmarks.compare.bento_service:Inspect",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        ready = f"http://127.0.0.1:{port}/readyz"
+        # A worker that fails to start is restarted by BentoML's arbiter, which never exits.
+        failed = "Application startup failed"
+    else:
+        raise ValueError(f"unknown comparison server {kind!r}; known: {', '.join(COMPARE_KINDS)}")
+    env = {
+        **os.environ,
+        "CELLINSPECT_HOME": str(home),
+        "BENCH_MODEL": MODEL,
+        "BENCH_THREADS": str(threads),
+        "BENTOML_HOME": str(home / "bentoml"),  # not ~/bentoml
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+    for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):  # the project's, not the server's
+        env.pop(name, None)
+    log = home / f"{kind}-{port}.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            try:
+                wait_ready(ready, proc, 1.0)
+                break
+            except RuntimeError:
+                if proc.poll() is not None:
+                    raise
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{ready} not ready after {ready_timeout_s:g} s") from None
+                if failed and failed in log.read_text(errors="replace"):
+                    raise RuntimeError(f"{failed!r} in its log") from None
+    except BaseException as exc:
+        stop_server(proc, grace_s=5)  # it must not outlive us holding the port
+        if isinstance(exc, Exception):
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{kind} server did not get ready: {exc}\n{log}:\n{tail}") from exc
+        raise
+    return proc
+
+
 def wrk(url: str, concurrency: int, seconds: float, script: Path, image: Path) -> dict[str, float]:
     out = subprocess.run(
         [
@@ -237,15 +445,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
     parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument(
+        "--compare",
+        default="",
+        help="also run these servers, comma-separated: pytriton, bentoml (each in its own "
+        "virtual environment: benchmarks/compare/setup.sh)",
+    )
     args = parser.parse_args()
+    compare = [kind for kind in args.compare.split(",") if kind]
+    if unknown := sorted(set(compare) - set(COMPARE_KINDS)):
+        parser.error(f"--compare: unknown {', '.join(unknown)}; known: {', '.join(COMPARE_KINDS)}")
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
+    require_comparison_venvs(compare)
+    if compare:  # a SIGTERM to this run still stops the servers (finally blocks run)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="cellinspect-bench-") as tmp:
         home = Path(tmp)
         card = publish_model(home, args.size)
         _, onnx_path = ModelStore(home / "store").load_verified(MODEL)
         image_path, script = write_load(home, args.image_size)
+        loads = {kind: write_comparison_load(kind, home, image_path) for kind in compare}
+        served: dict[str, str] = {}
         limits = [
             in_process_limit(card, onnx_path, image_path.read_bytes(), args.threads, args.duration)
             for _ in range(args.rounds)
@@ -264,12 +486,33 @@ def main() -> None:
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(timeout=60)
+            for i, kind in enumerate(compare):
+                port = 8710 + 10 * i + round_
+                route, kind_script, body = loads[kind]
+                proc = start_comparison(kind, home, port, args.threads)
+                try:
+                    if kind == "pytriton":  # KServe v2 server metadata: tritonserver's version
+                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2", timeout=5) as r:
+                            served["pytriton"] = f"Triton {json.loads(r.read())['version']}"
+                    url = f"http://127.0.0.1:{port}{route}"
+                    wrk(url, 4, 2, kind_script, body)  # warm-up
+                    for c in levels:
+                        results.setdefault((kind, c), []).append(
+                            wrk(url, c, args.duration, kind_script, body)
+                        )
+                finally:
+                    stop_server(proc)
     limit = statistics.median(limits)
     print(
         f"\nmobilenet_v3_small {args.size}², {args.image_size}² gray PNG, ORT {args.threads} threads, "
         f"{os.cpu_count()} CPUs, median of {args.rounds} rounds x {args.duration:g} s\n"
     )
     print(f"in-process limit (decode + preprocess + ORT, batch 8): {limit:.0f} img/s\n")
+    for kind in compare:
+        version = ", ".join(filter(None, [comparison_version(kind), served.get(kind)]))
+        print(f"{kind}: {version}; {COMPARE_NOTES[kind]}")
+    if compare:
+        print()
     print("| server | clients | img/s | share of limit | p50 ms | p95 ms | p99 ms | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for (kind, c), runs in results.items():

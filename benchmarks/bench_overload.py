@@ -255,7 +255,7 @@ def main() -> None:
         publish_model(home, 224)
         image, script = write_load(home, 300)
         url = f"http://127.0.0.1:{args.port}{ROUTE}"
-        proc = start_server("cellinspect", home, args.port, threads=os.cpu_count() or 1)
+        proc = start_server("cellinspect", home, args.port, threads=None)  # its defaults
         try:
             wrk(url, 16, 3, script, image)  # warm-up
             capacity = statistics.median(wrk(url, 16, 8, script, image)["rps"] for _ in range(2))

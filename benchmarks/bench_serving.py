@@ -145,7 +145,7 @@ def start_server(
     kind: str,
     home: Path,
     port: int,
-    threads: int,
+    threads: int | None,
     *,
     model: str = MODEL,
     env: dict[str, str] | None = None,
@@ -156,6 +156,7 @@ def start_server(
 ) -> subprocess.Popen:
     """`naive` or `cellinspect` serving `model` on `port`, returned once /readyz answers.
 
+    `threads`: ORT intra-op threads (None: the service's own default; naive needs a number).
     `env` adds settings (e.g. CELLINSPECT_SHADOW_MODELS) to the server's environment;
     `log` appends its output to that file (default: discarded); `new_session` puts it in
     its own process group, so killing the group takes uvicorn's `workers` with it.
@@ -164,8 +165,8 @@ def start_server(
         **os.environ,
         "CELLINSPECT_HOME": str(home),
         "BENCH_MODEL": MODEL,
-        "BENCH_THREADS": str(threads),
-        "CELLINSPECT_INTRA_OP_THREADS": str(threads),
+        **({} if threads is None else {"BENCH_THREADS": str(threads)}),
+        **({} if threads is None else {"CELLINSPECT_INTRA_OP_THREADS": str(threads)}),
         **(env or {}),
     }
     if kind == "naive":
@@ -441,7 +442,18 @@ def main() -> None:
     )
     parser.add_argument("--size", type=int, default=224, help="model input side")
     parser.add_argument("--image-size", type=int, default=300, help="posted image side (gray PNG)")
-    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="ORT intra-op threads of the in-process limit, the naive and comparison servers",
+    )
+    parser.add_argument(
+        "--service-threads",
+        type=int,
+        default=None,
+        help="ORT intra-op threads of cellinspect (default: its own, half the cores)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
     parser.add_argument("--concurrency", default="1,4,16,64")
@@ -475,7 +487,8 @@ def main() -> None:
         results: dict[tuple[str, int], list[dict[str, float]]] = {}
         for round_ in range(args.rounds):
             for kind, route in (("naive", "/infer"), ("cellinspect", "/v1/inspect")):
-                proc = start_server(kind, home, 8700 + round_, args.threads)
+                threads = args.threads if kind == "naive" else args.service_threads
+                proc = start_server(kind, home, 8700 + round_, threads)
                 try:
                     url = f"http://127.0.0.1:{8700 + round_}{route}"
                     wrk(url, 4, 2, script, image_path)  # warm-up
@@ -504,8 +517,10 @@ def main() -> None:
                     stop_server(proc)
     limit = statistics.median(limits)
     print(
-        f"\nmobilenet_v3_small {args.size}², {args.image_size}² gray PNG, ORT {args.threads} threads, "
-        f"{os.cpu_count()} CPUs, median of {args.rounds} rounds x {args.duration:g} s\n"
+        f"\nmobilenet_v3_small {args.size}², {args.image_size}² gray PNG, ORT {args.threads} threads "
+        f"(limit, naive, comparisons), cellinspect ORT threads: "
+        f"{args.service_threads or 'its default'}, {os.cpu_count()} CPUs, "
+        f"median of {args.rounds} rounds x {args.duration:g} s\n"
     )
     print(f"in-process limit (decode + preprocess + ORT, batch 8): {limit:.0f} img/s\n")
     for kind in compare:

@@ -252,9 +252,7 @@ class ModelRegistry:
         session = create_session(
             onnx_path,
             providers=self.settings.providers,
-            intra_op_threads=intra_op_threads
-            or self.settings.intra_op_threads
-            or self.settings.cores,
+            intra_op_threads=intra_op_threads or self.settings.ort_threads,
             spin=self.settings.ort_spin,
         )
         # LoadedModel checks input/output names and shapes against the card.

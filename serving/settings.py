@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["CPUExecutionProvider"]
     )
-    intra_op_threads: int | None = Field(None, ge=1)  # None: the cores this process owns
+    intra_op_threads: int | None = Field(None, ge=1)  # None: half the cores (see ort_threads)
     # ORT workers busy-wait between runs when on; off measured faster in the service on a
     # 2-core box, where they would steal the cores decoding and the event loop need.
     ort_spin: bool = False
@@ -167,6 +167,15 @@ class Settings(BaseSettings):
     @property
     def cores(self) -> int:
         return len(os.sched_getaffinity(0))
+
+    @property
+    def ort_threads(self) -> int:
+        """ONNX Runtime intra-op threads of a served model: `intra_op_threads`, else half the
+        cores. The other half decodes, answers HTTP and writes records, which on a small
+        CNN cost as much CPU as the model: on 2 cores one ORT thread gave +10-20% images/s
+        at 16 clients and a lower p50 at one client than two (benchmarks/RESULTS.md), and
+        a second thread without spinning cost 0.1-0.6 ms more CPU per image."""
+        return self.intra_op_threads or max(1, self.cores // 2)
 
     def parsed_keys(self) -> dict[str, Role]:
         """API key -> role, from the variable and the file; bad entries raise ValueError."""

@@ -248,3 +248,14 @@ def test_decode_pool_refuses_at_once_beyond_its_waiting_bound(
         pool.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("cores", "setting", "expected"), [(1, None, 1), (2, None, 1), (8, None, 4), (2, 3, 3)]
+)
+def test_ort_threads_default_to_half_the_cores(
+    monkeypatch: pytest.MonkeyPatch, cores: int, setting: int | None, expected: int
+) -> None:
+    """The other half decodes, answers HTTP and writes records; an explicit setting wins."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)))
+    assert Settings(intra_op_threads=setting).ort_threads == expected

@@ -52,7 +52,7 @@ def serve(
         )  # the factory re-reads settings per worker
     if workers > 1 and settings.intra_op_threads is None:
         # Several processes on the same cores: give each its share, never oversubscribe.
-        os.environ["CELLINSPECT_INTRA_OP_THREADS"] = str(max(1, settings.cores // workers))
+        os.environ["CELLINSPECT_INTRA_OP_THREADS"] = str(max(1, settings.ort_threads // workers))
     uvicorn.run(
         "cellinspect.serving.app:create_app",
         factory=True,

@@ -86,14 +86,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             }
         )
         log.info("serving %s", ", ".join(f"{e.name}@{e.version}" for e in service.registry.list()))
-        retention = asyncio.get_running_loop().create_task(
-            _enforce_retention(service.archive, settings.archive_retention_check_s),
-            name="archive-retention",
-        )
+        loop = asyncio.get_running_loop()
+        background = [
+            loop.create_task(
+                _enforce_retention(service.archive, settings.archive_retention_check_s),
+                name="archive-retention",
+            )
+        ]
+        if settings.follow_store_s > 0:
+            background.append(
+                loop.create_task(
+                    service.registry.follow_store(
+                        settings.follow_store_s,
+                        on_reload=lambda: service.metrics.set_served(
+                            {e.name: e.version for e in service.registry.list()}
+                        ),
+                    ),
+                    name="follow-store",
+                )
+            )
         try:
             yield
         finally:
-            retention.cancel()
+            for task in background:
+                task.cancel()
             await service.shadow.close()
             await service.registry.close()
             await service.records.close()

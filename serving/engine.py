@@ -31,7 +31,14 @@ from cellinspect.datasets.preprocess import PreprocessSpec, preprocess
 from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, ModelCard
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.runtime import ModelLoadError, create_session
-from cellinspect.models.store import ModelNotFoundError, ModelRef, ModelStore, parse_model_ref
+from cellinspect.models.store import (
+    PRODUCTION,
+    ModelNotFoundError,
+    ModelRef,
+    ModelStore,
+    is_version_number,
+    parse_model_ref,
+)
 from cellinspect.serving.batcher import BatchTiming, MicroBatcher, Overloaded
 from cellinspect.serving.settings import Settings
 
@@ -237,6 +244,8 @@ class ModelRegistry:
         self._reload_locks = {name: asyncio.Lock() for name in self._configured}
         self._retiring: set[asyncio.Task[None]] = set()
         self._alias_cache: dict[tuple[str, str], tuple[str, float]] = {}
+        # Per served name, the version its followed alias pointed at when last looked at.
+        self._alias_seen: dict[str, str | None] = {}
         self._closed = False
 
     # ---- loading ------------------------------------------------------------------------
@@ -287,6 +296,7 @@ class ModelRegistry:
             engine = self._engine(loaded)
             await engine.start()
             self._engines[name] = engine
+            self._alias_seen[name] = self._followed_version(name)
             logger.info("serving %s (configured as %s)", engine.ref, ref)
         for name, ref in self._shadow_configured.items():
             if name not in self._candidates:
@@ -453,6 +463,61 @@ class ModelRegistry:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         return old.version, new.version
+
+    # ---- following the store -----------------------------------------------------------
+
+    def _followed_version(self, name: str) -> str | None:
+        """The version of the alias that `name` follows, None when it follows none.
+
+        A model configured as NAME@ALIAS follows ALIAS; one configured as NAME follows
+        `production` when that alias exists (never "the latest version": an export must not
+        reach the line without a promotion); one pinned to NAME@VERSION follows nothing.
+        """
+        selector = self._configured[name].selector
+        if selector is not None and is_version_number(selector):
+            return None
+        try:
+            return self.store.resolve(ModelRef(name, selector or PRODUCTION))[1]
+        except ModelNotFoundError:  # no such alias (yet), or the model was removed
+            return None
+
+    async def follow_store(
+        self, interval_s: float, on_reload: Callable[[], object] | None = None
+    ) -> None:
+        """Forever: every `interval_s`, reload a served model whose followed alias moved.
+
+        A promotion made elsewhere (`cellinspect models promote`, or the API of another
+        worker process on the same store) then reaches this process within `interval_s`.
+        Only a move is acted on: a version reloaded by hand is not reverted while the
+        alias stays put, and a version that cannot be served is refused once (logged), the
+        old one keeps serving, and it is not retried until the alias moves again.
+        """
+        while True:
+            await asyncio.sleep(interval_s)
+            for name in list(self._engines):
+                if await self._follow(name) and on_reload is not None:
+                    on_reload()
+
+    async def _follow(self, name: str) -> bool:
+        """One look at `name`'s followed alias; True when a new version now serves."""
+        try:
+            version = await asyncio.to_thread(self._followed_version, name)
+        except Exception as exc:  # an unreadable store must not end the follower
+            logger.warning("cannot read the store for %s: %s", name, exc)
+            return False
+        if version is None or version == self._alias_seen.get(name):
+            return False
+        self._alias_seen[name] = version
+        engine = self._engines.get(name)
+        if engine is None or version == engine.version:  # closed meanwhile, or already there
+            return False
+        logger.info("%s: the store's alias now points at version %s; reloading", name, version)
+        try:
+            await self.reload(name, version)
+        except (ModelNotFoundError, ModelReloadError) as exc:
+            logger.error("%s: not following the store to version %s: %s", name, version, exc)
+            return False
+        return True
 
     async def close(self) -> None:
         """Drain and stop every engine, including ones retired by a reload."""

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # ORT workers busy-wait between runs when on; off measured faster in the service on a
     # 2-core box, where they would steal the cores decoding and the event loop need.
     ort_spin: bool = False
+    # Every this many seconds, a served model whose alias moved in the store (a promotion
+    # from the CLI or another worker) is reloaded; 0: only reloads through the API.
+    follow_store_s: float = Field(5.0, ge=0)
     # Micro-batching: a batch closes at max_batch_size or max_delay_ms after its first image.
     max_batch_size: int = Field(8, ge=1, le=256)
     max_delay_ms: float = Field(2.0, ge=0, le=1000)

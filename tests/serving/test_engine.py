@@ -259,3 +259,86 @@ def test_ort_threads_default_to_half_the_cores(
     """The other half decodes, answers HTTP and writes records; an explicit setting wins."""
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)))
     assert Settings(intra_op_threads=setting).ort_threads == expected
+
+
+# ---- following the store ------------------------------------------------------------------
+
+
+async def _until(condition: object, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def test_a_promotion_made_elsewhere_reaches_the_served_model(store: ModelStore) -> None:
+    """`cellinspect models promote` (or another worker) moves the alias in the store only;
+    the follower reloads within its interval, and reverts nothing while the alias stays."""
+
+    async def scenario() -> None:
+        registry = ModelRegistry(store, settings_for(store, ["tiny"]))  # follows production
+        await registry.load_all()
+        reloads: list[str] = []
+        follower = asyncio.create_task(
+            registry.follow_store(0.02, on_reload=lambda: reloads.append(registry.get().version))
+        )
+        assert registry.get().version == "1"
+        store.promote("tiny", 2)  # what the CLI does
+        await _until(lambda: registry.get().version == "2")
+        assert reloads == ["2"]
+        # A version reloaded by hand stays while the alias does not move.
+        await registry.reload("tiny", "1")
+        await asyncio.sleep(0.2)
+        assert registry.get().version == "1" and reloads == ["2"]
+        follower.cancel()
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_bad_version_promoted_elsewhere_is_refused_once(
+    store: ModelStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = publish(store, tmp_path, weights=WEIGHTS * np.nan)  # outputs NaN: refused at load
+
+    async def scenario() -> None:
+        registry = ModelRegistry(store, settings_for(store, ["tiny"]))
+        await registry.load_all()
+        attempts: list[object] = []
+        load = registry._load_blocking
+        registry._load_blocking = lambda ref, **kw: attempts.append(ref) or load(ref, **kw)  # type: ignore[method-assign]
+        follower = asyncio.create_task(registry.follow_store(0.02))
+        store.promote("tiny", bad)
+        await _until(lambda: attempts)
+        await asyncio.sleep(0.2)  # ten more looks at the store
+        assert len(attempts) == 1, "a refused version must not be retried until the alias moves"
+        assert registry.get().version == "1" and registry.ready
+        store.promote("tiny", 2)  # the alias moves on: followed again
+        await _until(lambda: registry.get().version == "2")
+        follower.cancel()
+        await registry.close()
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(scenario())
+    assert f"not following the store to version {bad}" in caplog.text
+
+
+def test_pinned_versions_and_bare_names_without_production_follow_nothing(
+    store: ModelStore, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        registry = ModelRegistry(store, settings_for(store, ["tiny@1", "other"]))
+        await registry.load_all()
+        follower = asyncio.create_task(registry.follow_store(0.02))
+        store.promote("tiny", 2)
+        # "other" has no production alias: a new export (the latest version) or another
+        # alias must not reach the line.
+        newer = publish(store, tmp_path, name="other")
+        store.promote("other", newer, alias="staging")
+        await asyncio.sleep(0.2)
+        assert registry.get("tiny").version == "1"
+        assert registry.get("other").version == "1"
+        follower.cancel()
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -485,17 +485,18 @@ def main() -> None:
             for _ in range(args.rounds)
         ]
         results: dict[tuple[str, int], list[dict[str, float]]] = {}
+
+        def measure(kind: str, url: str, script: Path, body: Path) -> None:
+            wrk(url, 4, 2, script, body)  # warm-up
+            for c in levels:
+                results.setdefault((kind, c), []).append(wrk(url, c, args.duration, script, body))
+
         for round_ in range(args.rounds):
             for kind, route in (("naive", "/infer"), ("cellinspect", "/v1/inspect")):
                 threads = args.threads if kind == "naive" else args.service_threads
                 proc = start_server(kind, home, 8700 + round_, threads)
                 try:
-                    url = f"http://127.0.0.1:{8700 + round_}{route}"
-                    wrk(url, 4, 2, script, image_path)  # warm-up
-                    for c in levels:
-                        results.setdefault((kind, c), []).append(
-                            wrk(url, c, args.duration, script, image_path)
-                        )
+                    measure(kind, f"http://127.0.0.1:{8700 + round_}{route}", script, image_path)
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(timeout=60)
@@ -507,12 +508,7 @@ def main() -> None:
                     if kind == "pytriton":  # KServe v2 server metadata: tritonserver's version
                         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2", timeout=5) as r:
                             served["pytriton"] = f"Triton {json.loads(r.read())['version']}"
-                    url = f"http://127.0.0.1:{port}{route}"
-                    wrk(url, 4, 2, kind_script, body)  # warm-up
-                    for c in levels:
-                        results.setdefault((kind, c), []).append(
-                            wrk(url, c, args.duration, kind_script, body)
-                        )
+                    measure(kind, f"http://127.0.0.1:{port}{route}", kind_script, body)
                 finally:
                     stop_server(proc)
     limit = statistics.median(limits)

@@ -82,5 +82,8 @@ async def get_inspection_image(
     if not path.is_file():
         raise HTTPException(404, f"archived image of {inspection_id} is gone (retention or quota)")
     return FileResponse(
-        path, media_type=MEDIA.get(path.suffix.lstrip("."), "application/octet-stream")
+        path,
+        media_type=MEDIA.get(path.suffix.lstrip("."), "application/octet-stream"),
+        # The bytes are whatever a station uploaded: a browser must not sniff them into HTML.
+        headers={"X-Content-Type-Options": "nosniff"},
     )

@@ -50,6 +50,7 @@ def test_bright_image_is_scrapped_and_archived(client: TestClient) -> None:
     image = client.get(f"/v1/inspections/{body['inspection_id']}/image", headers=auth("operator"))
     assert image.status_code == 200 and image.content == png(255)
     assert image.headers["content-type"] == "image/png"
+    assert image.headers["x-content-type-options"] == "nosniff"  # uploaded bytes: never sniffed
 
 
 def test_pass_image_is_not_archived_when_sampling_is_off(client: TestClient) -> None:

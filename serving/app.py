@@ -68,6 +68,12 @@ async def _enforce_retention(archive: ImageArchive, every_s: float) -> None:
         await asyncio.sleep(every_s)
 
 
+async def _sync_metrics(metrics: ServiceMetrics, every_s: float = 1.0) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        metrics.sync()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     service = _build_service(settings)
@@ -76,11 +82,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.records.start()
         await service.registry.load_all()  # loads, verifies and warms before /readyz says yes
-        service.metrics.set_served({e.name: e.version for e in service.registry.list()})
+        service.publish_served()
         service.metrics.watch_batchers(
             lambda: {
                 e.name: BatcherStats(
-                    e.batcher.queue_depth, e.batcher.items_run, e.batcher.batches_run
+                    e.batcher.queue_depth,
+                    e.batcher.items_run,
+                    e.batcher.batches_run,
+                    batcher=id(e.batcher),
                 )
                 for e in service.registry.list()
             }
@@ -97,19 +106,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             background.append(
                 loop.create_task(
                     service.registry.follow_store(
-                        settings.follow_store_s,
-                        on_reload=lambda: service.metrics.set_served(
-                            {e.name: e.version for e in service.registry.list()}
-                        ),
+                        settings.follow_store_s, on_reload=service.publish_served
                     ),
                     name="follow-store",
                 )
             )
+        if service.metrics.multiprocess:  # other workers' scrapes read this one's files
+            background.append(loop.create_task(_sync_metrics(service.metrics), name="metrics"))
         try:
             yield
         finally:
             for task in background:
                 task.cancel()
+            service.metrics.process_exiting()
             await service.shadow.close()
             await service.registry.close()
             await service.records.close()

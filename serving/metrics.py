@@ -1,53 +1,56 @@
-"""Prometheus metrics of one app instance (own registry, so tests can run several apps)."""
+"""Prometheus metrics of one app instance (own registry, so tests can run several apps).
+
+With several server processes (`cellinspect serve --workers N`) the CLI points
+PROMETHEUS_MULTIPROC_DIR at a fresh directory before the workers start: prometheus-client
+then keeps every counter, histogram and gauge in files there, and a scrape, whichever worker
+answers it, reads them all (`MultiProcessCollector`). Gauges say how to combine the
+processes (`multiprocess_mode`); values read from the batchers are copied into real
+metrics (`sync`), at each scrape of this process and every second in the background.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass(frozen=True)
 class BatcherStats:
     queue_depth: int
-    items_run: int
+    items_run: int  # monotonic over the batcher's life
     batches_run: int
-
-
-class _BatcherCollector(Collector):
-    """Reads the batchers' own counters when scraped: nothing to update per request, and the
-    inference count / execution count ratio is the mean batch size (as Triton reports it)."""
-
-    def __init__(self, stats: Callable[[], dict[str, BatcherStats]]) -> None:
-        self._stats = stats
-
-    def collect(self) -> Iterator[Metric]:
-        depth = GaugeMetricFamily(
-            "cellinspect_queue_depth", "Images waiting for a micro-batch", labels=["model"]
-        )
-        items = CounterMetricFamily(
-            "cellinspect_inferences", "Images inferred (inference count)", labels=["model"]
-        )
-        batches = CounterMetricFamily(
-            "cellinspect_executions", "Batches executed (execution count)", labels=["model"]
-        )
-        for model, s in self._stats().items():
-            depth.add_metric([model], s.queue_depth)
-            items.add_metric([model], s.items_run)
-            batches.add_metric([model], s.batches_run)
-        yield from (depth, items, batches)
+    batcher: int  # identity of the batcher (a reload makes a new one, counting from 0)
 
 
 class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
+        self._batcher_stats: Callable[[], dict[str, BatcherStats]] = dict
+        self._synced: dict[int, tuple[int, int]] = {}  # batcher -> (items, batches) synced
+        self._served: dict[str, str] = {}
         r = self.registry
+        self.queue_depth = Gauge(
+            "cellinspect_queue_depth",
+            "Images waiting for a micro-batch",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.inferences = Counter(
+            "cellinspect_inferences", "Images inferred (inference count)", ["model"], registry=r
+        )
+        self.executions = Counter(
+            "cellinspect_executions", "Batches executed (execution count)", ["model"], registry=r
+        )
         self.requests = Counter(
             "cellinspect_requests",
             "HTTP requests by route and outcome",
@@ -72,6 +75,7 @@ class ServiceMetrics:
             "Served model versions (value 1)",
             ["model", "version"],
             registry=r,
+            multiprocess_mode="livemax",  # 1 while any live worker serves that version
         )
         self.rejected = Counter(
             "cellinspect_rejected",
@@ -118,7 +122,33 @@ class ServiceMetrics:
         )
 
     def watch_batchers(self, stats: Callable[[], dict[str, BatcherStats]]) -> None:
-        self.registry.register(_BatcherCollector(stats))
+        """Where `sync` reads the batchers' own counters (nothing is updated per request)."""
+        self._batcher_stats = stats
+
+    def sync(self) -> None:
+        """Copy the batchers' counters into the metrics: queue depth, and the increments of
+        inference count and execution count since the last sync (their ratio is the mean
+        batch size, as Triton reports it)."""
+        for model, s in self._batcher_stats().items():
+            items, batches = self._synced.get(s.batcher, (0, 0))
+            self.inferences.labels(model).inc(s.items_run - items)
+            self.executions.labels(model).inc(s.batches_run - batches)
+            self._synced[s.batcher] = (s.items_run, s.batches_run)
+            self.queue_depth.labels(model).set(s.queue_depth)
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's metrics, or every worker's with several."""
+        self.sync()
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def process_exiting(self) -> None:
+        """Drop this worker's live gauges from the shared directory (several workers only)."""
+        if self.multiprocess:
+            prometheus_multiprocess.mark_process_dead(os.getpid())
 
     def observe_timings(
         self, decode_ms: float, queue_ms: float, infer_ms: float, total_ms: float
@@ -133,6 +163,13 @@ class ServiceMetrics:
 
     def set_served(self, served: dict[str, str]) -> None:
         """Model name -> version now served; replaces what was there (reloads)."""
+        if self.multiprocess:
+            # clear() would forget the series here but leave their value in the shared
+            # files: set the versions no longer served to 0 first.
+            for model, version in self._served.items():
+                if served.get(model) != version:
+                    self.model_info.labels(model, version).set(0)
         self.model_info.clear()
         for name, version in served.items():
             self.model_info.labels(name, version).set(1)
+        self._served = dict(served)

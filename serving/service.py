@@ -31,6 +31,10 @@ class Service:
     metrics: ServiceMetrics
     shadow: ShadowRunner
 
+    def publish_served(self) -> None:
+        """Tell the metrics which version of each model serves now (after start or reload)."""
+        self.metrics.set_served({e.name: e.version for e in self.registry.list()})
+
 
 # async: FastAPI runs plain `def` dependencies in a thread pool, a hop per request for nothing.
 async def get_service(request: Request) -> Service:

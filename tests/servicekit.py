@@ -88,11 +88,13 @@ class ServerProcess:
 
 
 @contextmanager
-def running_server(home: Path, env: dict[str, str]) -> Iterator[ServerProcess]:
-    """`cellinspect serve --model tiny` on a free loopback port, with the station, operator and
-    admin KEYS, one ORT thread and `env` on top; yielded once /readyz answers 200, stopped
-    on exit. Output goes to a file, not a pipe: a pipe nobody reads would block a server
-    that logs every request."""
+def running_server(
+    home: Path, env: dict[str, str], args: tuple[str, ...] = ()
+) -> Iterator[ServerProcess]:
+    """`cellinspect serve --model tiny [args]` on a free loopback port, with the station,
+    operator and admin KEYS, one ORT thread and `env` on top; yielded once /readyz answers
+    200, stopped on exit. Output goes to a file, not a pipe: a pipe nobody reads would block
+    a server that logs every request."""
     port = free_port()
     env = {
         **os.environ,
@@ -105,7 +107,7 @@ def running_server(home: Path, env: dict[str, str]) -> Iterator[ServerProcess]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cellinspect.cli", "serve", "--model", "tiny"]
-            + ["--port", str(port)],
+            + ["--port", str(port), *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -127,3 +129,12 @@ def running_server(home: Path, env: dict[str, str]) -> Iterator[ServerProcess]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the /metrics text (0 when absent)."""
+    wanted = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

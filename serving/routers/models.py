@@ -47,7 +47,7 @@ async def _reload(service: ServiceDep, name: str, selector: str | None) -> Reloa
         raise HTTPException(
             409, f"reload refused, still serving the previous version: {exc}"
         ) from None
-    service.metrics.set_served({e.name: e.version for e in service.registry.list()})
+    service.publish_served()
     return ReloadResponse(name=name, previous_version=old, version=new)
 
 
@@ -76,7 +76,7 @@ async def promote_model(
     try:
         if body.reload and name in served:
             old, new = await service.registry.reload(name, body.version, before_swap=move)
-            service.metrics.set_served({e.name: e.version for e in service.registry.list()})
+            service.publish_served()
             return ReloadResponse(name=name, previous_version=old, version=new)
         await service.registry.check_servable(f"{name}@{body.version}")
         moved = await asyncio.to_thread(move)

@@ -12,20 +12,11 @@ from types import SimpleNamespace
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from servicekit import auth, free_port, png
+from servicekit import auth, free_port, metric, png
 
 from cellinspect.serving.engine import DecodePool
 from cellinspect.serving.gate import RequestGate, is_image_route
 from cellinspect.serving.metrics import ServiceMetrics
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of the /metrics text (0 when absent)."""
-    wanted = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
-    for line in text.splitlines():
-        if line.startswith(wanted + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_every_answer_is_counted_by_route_template_and_status(client: TestClient) -> None:

@@ -6,12 +6,14 @@ import base64
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from servicekit import KEYS, png, running_server
+from servicekit import KEYS, metric, png, running_server
 
 
 @pytest.fixture
@@ -105,3 +107,44 @@ def test_camera_posts_images_with_an_idempotency_key_each(server: str, home: Pat
     keys = sorted(item["idempotency_key"] for item in items)
     assert len(set(keys)) == 3
     assert all(k.startswith(f"st-7:cell-123-0000{i}:") for i, k in enumerate(keys))
+
+
+def test_two_workers_share_one_metrics_view_and_follow_a_promotion(
+    home: Path, tmp_path: Path
+) -> None:
+    """`--workers 2`: every scrape counts both workers' requests, and a promotion through
+    one worker's API reaches the other through the store."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {"CELLINSPECT_FOLLOW_STORE_S": "0.2", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    st, op, ad = ({"X-API-Key": KEYS[r]} for r in ("station", "operator", "admin"))
+    with running_server(home, env, args=("--workers", "2")) as server:
+
+        def post(_: int) -> int:  # a new connection each time: the kernel spreads them
+            headers = {"Content-Type": "image/png", **st}
+            return httpx.post(
+                f"{server.url}/v1/inspect", content=png(255), headers=headers
+            ).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(post, range(40))) == [200] * 40
+        # Both workers answered (one counter file each), and any scrape sums them.
+        assert len(list(metrics_dir.glob("counter_*.db"))) == 2
+        time.sleep(1.5)  # a worker copies its batchers' counters every second
+        for _ in range(6):
+            text = httpx.get(f"{server.url}/metrics").text
+            assert (
+                metric(text, "cellinspect_requests_total", route="/v1/inspect", status="200") == 40
+            )
+            assert metric(text, "cellinspect_inferences_total", model="tiny") == 40
+        promoted = httpx.post(
+            f"{server.url}/v1/models/tiny/promote", json={"version": "2"}, headers=ad
+        )
+        assert promoted.status_code == 200, promoted.text
+        time.sleep(1.5)  # the other worker looks at the store every 0.2 s
+        for _ in range(8):
+            served = httpx.get(f"{server.url}/v1/models", headers=op).json()
+            assert [m["version"] for m in served] == ["2"], served
+        text = httpx.get(f"{server.url}/metrics").text
+        assert metric(text, "cellinspect_model_info", model="tiny", version="2") == 1
+        assert metric(text, "cellinspect_model_info", model="tiny", version="1") == 0

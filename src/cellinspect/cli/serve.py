@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +37,7 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
+    from cellinspect.serving.metrics import MULTIPROCESS_ENV
     from cellinspect.serving.settings import Settings
 
     overrides = {"models": model} if model else {}
@@ -50,18 +53,31 @@ def serve(
         os.environ["CELLINSPECT_MODELS"] = ",".join(
             model
         )  # the factory re-reads settings per worker
-    if workers > 1 and settings.intra_op_threads is None:
-        # Several processes on the same cores: give each its share, never oversubscribe.
-        os.environ["CELLINSPECT_INTRA_OP_THREADS"] = str(max(1, settings.ort_threads // workers))
-    uvicorn.run(
-        "cellinspect.serving.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level="info",
-        access_log=False,  # one log line per image at line rate is noise; metrics count them
-    )
+    metrics_dir = None
+    if workers > 1:
+        if settings.intra_op_threads is None:
+            # Several processes on the same cores: give each its share, never oversubscribe.
+            os.environ["CELLINSPECT_INTRA_OP_THREADS"] = str(
+                max(1, settings.ort_threads // workers)
+            )
+        # Each worker keeps its own archive index: a share of the quota each keeps the sum in.
+        os.environ["CELLINSPECT_ARCHIVE_QUOTA_BYTES"] = str(settings.archive_quota_bytes // workers)
+        if not os.environ.get(MULTIPROCESS_ENV):  # one /metrics over all workers
+            metrics_dir = tempfile.mkdtemp(prefix="cellinspect-metrics-")
+            os.environ[MULTIPROCESS_ENV] = metrics_dir
+    try:
+        uvicorn.run(
+            "cellinspect.serving.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="info",
+            access_log=False,  # one log line per image at line rate is noise; metrics count them
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def camera(

@@ -458,12 +458,18 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument(
+        "--service-workers",
+        default="1",
+        help="cellinspect server processes, comma-separated to measure several (e.g. 1,2)",
+    )
+    parser.add_argument(
         "--compare",
         default="",
         help="also run these servers, comma-separated: pytriton, bentoml (each in its own "
         "virtual environment: benchmarks/compare/setup.sh)",
     )
     args = parser.parse_args()
+    service_workers = [int(n) for n in args.service_workers.split(",")]
     compare = [kind for kind in args.compare.split(",") if kind]
     if unknown := sorted(set(compare) - set(COMPARE_KINDS)):
         parser.error(f"--compare: unknown {', '.join(unknown)}; known: {', '.join(COMPARE_KINDS)}")
@@ -492,11 +498,15 @@ def main() -> None:
                 results.setdefault((kind, c), []).append(wrk(url, c, args.duration, script, body))
 
         for round_ in range(args.rounds):
-            for kind, route in (("naive", "/infer"), ("cellinspect", "/v1/inspect")):
+            servers = [("naive", "/infer", 1)] + [
+                ("cellinspect", "/v1/inspect", n) for n in service_workers
+            ]
+            for kind, route, n in servers:
                 threads = args.threads if kind == "naive" else args.service_threads
-                proc = start_server(kind, home, 8700 + round_, threads)
+                proc = start_server(kind, home, 8700 + round_, threads, workers=n)
+                label = kind if n == 1 else f"{kind} --workers {n}"
                 try:
-                    measure(kind, f"http://127.0.0.1:{8700 + round_}{route}", script, image_path)
+                    measure(label, f"http://127.0.0.1:{8700 + round_}{route}", script, image_path)
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(timeout=60)

@@ -131,6 +131,8 @@ class ServiceMetrics:
         batch size, as Triton reports it)."""
         for model, s in self._batcher_stats().items():
             items, batches = self._synced.get(s.batcher, (0, 0))
+            if s.items_run < items or s.batches_run < batches:  # a new batcher at a reused id
+                items, batches = 0, 0
             self.inferences.labels(model).inc(s.items_run - items)
             self.executions.labels(model).inc(s.batches_run - batches)
             self._synced[s.batcher] = (s.items_run, s.batches_run)

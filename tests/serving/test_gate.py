@@ -140,3 +140,18 @@ def test_an_unread_body_keeps_the_connection_usable(
         decoder.full = True
         assert _post(sock, body[:10]) == b"HTTP/1.1 503 Service Unavailable"
     assert decoder.rejected == 2
+
+
+def test_batch_counters_survive_a_reload_and_a_reused_batcher_id() -> None:
+    """Counters only grow: a new batcher (a reload) adds to them, even at a reused id."""
+    from cellinspect.serving.metrics import BatcherStats
+
+    metrics = ServiceMetrics()
+    stats = {"m": BatcherStats(queue_depth=3, items_run=10, batches_run=2, batcher=7)}
+    metrics.watch_batchers(lambda: stats)
+    metrics.sync()
+    stats["m"] = BatcherStats(queue_depth=0, items_run=4, batches_run=1, batcher=7)  # new one
+    text = metrics.exposition().decode()
+    assert metric(text, "cellinspect_inferences_total", model="m") == 14
+    assert metric(text, "cellinspect_executions_total", model="m") == 3
+    assert metric(text, "cellinspect_queue_depth", model="m") == 0

@@ -486,10 +486,7 @@ def main() -> None:
         image_path, script = write_load(home, args.image_size)
         loads = {kind: write_comparison_load(kind, home, image_path) for kind in compare}
         served: dict[str, str] = {}
-        limits = [
-            in_process_limit(card, onnx_path, image_path.read_bytes(), args.threads, args.duration)
-            for _ in range(args.rounds)
-        ]
+        limits: list[float] = []
         results: dict[tuple[str, int], list[dict[str, float]]] = {}
 
         def measure(kind: str, url: str, script: Path, body: Path) -> None:
@@ -498,6 +495,13 @@ def main() -> None:
                 results.setdefault((kind, c), []).append(wrk(url, c, args.duration, script, body))
 
         for round_ in range(args.rounds):
+            # Measured in every round, beside the servers: a shared host's speed drifts
+            # (the limit alone has read 651, 568 and 404 img/s on three runs of one day).
+            limits.append(
+                in_process_limit(
+                    card, onnx_path, image_path.read_bytes(), args.threads, args.duration
+                )
+            )
             servers = [("naive", "/infer", 1)] + [
                 ("cellinspect", "/v1/inspect", n) for n in service_workers
             ]
@@ -528,7 +532,10 @@ def main() -> None:
         f"{args.service_threads or 'its default'}, {os.cpu_count()} CPUs, "
         f"median of {args.rounds} rounds x {args.duration:g} s\n"
     )
-    print(f"in-process limit (decode + preprocess + ORT, batch 8): {limit:.0f} img/s\n")
+    print(
+        f"in-process limit (decode + preprocess + ORT, batch 8): {limit:.0f} img/s "
+        f"(rounds: {', '.join(f'{x:.0f}' for x in limits)})\n"
+    )
     for kind in compare:
         version = ", ".join(filter(None, [comparison_version(kind), served.get(kind)]))
         print(f"{kind}: {version}; {COMPARE_NOTES[kind]}")

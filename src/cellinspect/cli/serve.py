@@ -28,7 +28,11 @@ def serve(
     host: str = typer.Option("127.0.0.1", help=HOST_HELP),
     port: int = typer.Option(8000, min=1, max=65535),
     workers: int = typer.Option(
-        1, min=1, help="Server processes; ORT threads are split between them."
+        1,
+        min=1,
+        envvar="CELLINSPECT_WORKERS",
+        help="Server processes; ORT threads are split between them (on 2 cores, 2 served "
+        "1.17-1.30x the images/s of 1 at 16-64 clients: benchmarks/RESULTS.md).",
     ),
 ) -> None:
     """Run the inspection service (settings from CELLINSPECT_* environment and .env)."""

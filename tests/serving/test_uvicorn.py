@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servicekit import KEYS, metric, png, running_server
+from servicekit import KEYS, free_port, metric, png, running_server
 
 
 @pytest.fixture
@@ -148,3 +148,17 @@ def test_two_workers_share_one_metrics_view_and_follow_a_promotion(
         text = httpx.get(f"{server.url}/metrics").text
         assert metric(text, "cellinspect_model_info", model="tiny", version="2") == 1
         assert metric(text, "cellinspect_model_info", model="tiny", version="1") == 0
+
+
+def test_demo_serves_and_runs_the_camera(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README demo's last step (`cellinspect demo` without --no-serve), on tiny@1."""
+    from cellinspect.cli.pipeline import serve_with_camera
+
+    monkeypatch.setenv("CELLINSPECT_HOME", str(home))
+    monkeypatch.setenv("CELLINSPECT_INTRA_OP_THREADS", "1")
+    serve_with_camera("tiny@1", free_port(), keep_serving=False)
+    out = capsys.readouterr().out
+    assert "service up at" in out
+    assert out.count("verdict=") == 20 and "sent 20" in out

@@ -184,8 +184,9 @@ def demo(
         serve_with_camera(f"{card.name}@{card.version}", port)
 
 
-def serve_with_camera(ref: str, port: int) -> None:
-    """Start the service on loopback, post simulated camera images, then keep serving."""
+def serve_with_camera(ref: str, port: int, *, keep_serving: bool = True) -> None:
+    """Start the service on loopback, post simulated camera images, then keep serving
+    (until Ctrl-C; with `keep_serving=False`, stop once the camera is done)."""
     import subprocess
     import sys
     import urllib.request
@@ -218,9 +219,13 @@ def serve_with_camera(ref: str, port: int) -> None:
             api_key=None,
             seed=4242,
             size=128,
+            retries=3,
         )
-        console.print(f"service still running at {url} (API docs at {url}/docs); Ctrl-C stops it")
-        server.wait()
+        if keep_serving:
+            console.print(
+                f"service still running at {url} (API docs at {url}/docs); Ctrl-C stops it"
+            )
+            server.wait()
     except KeyboardInterrupt:
         pass
     finally:

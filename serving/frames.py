@@ -72,109 +72,94 @@ async def inspect_frame(
     pixel_pitch_mm: float | None,
     started: float,
 ) -> FrameResponse:
-    """Decode, tile, classify, merge, record; at most max_frames_in_flight at once (503)."""
+    """Decode, tile, classify, merge, record; at most max_frames_in_flight at once (503):
+    a decoded frame (up to max_frame_pixels) is held from its decode to its answer."""
     with service.decoder.frame_slot():
-        return await _inspect_frame(
-            service,
-            data,
-            model=model,
-            origin=origin,
-            overlap=overlap,
-            pixel_pitch_mm=pixel_pitch_mm,
-            started=started,
-        )
-
-
-async def _inspect_frame(
-    service: Service,
-    data: bytes,
-    *,
-    model: str | None,
-    origin: Origin,
-    overlap: float,
-    pixel_pitch_mm: float | None,
-    started: float,
-) -> FrameResponse:
-    settings = service.settings
-    loop = asyncio.get_running_loop()
-    # Through the decode pool: its workers and admission bound how many frames (up to
-    # max_frame_pixels each) are decoded at once.
-    frame, sha256 = await service.decoder.run(_decode_frame, data, settings.max_frame_pixels)
-    decode_ms = (time.perf_counter() - started) * 1000.0
-    height, width = frame.shape[:2]
-    with service.registry.lease(model) as engine:
-        card, spec = engine.card, engine.card.preprocessing
-        try:
-            tiles = tile_grid(
-                height, width, spec.height, spec.width, overlap, max_tiles=settings.max_frame_tiles
+        settings = service.settings
+        loop = asyncio.get_running_loop()
+        # Through the decode pool: its workers and admission bound how many frames (up to
+        # max_frame_pixels each) are decoded at once.
+        frame, sha256 = await service.decoder.run(_decode_frame, data, settings.max_frame_pixels)
+        decode_ms = (time.perf_counter() - started) * 1000.0
+        height, width = frame.shape[:2]
+        with service.registry.lease(model) as engine:
+            card, spec = engine.card, engine.card.preprocessing
+            try:
+                tiles = tile_grid(
+                    height,
+                    width,
+                    spec.height,
+                    spec.width,
+                    overlap,
+                    max_tiles=settings.max_frame_tiles,
+                )
+            except ValueError as exc:
+                raise RequestError(422, "bad_tiling", str(exc)) from None
+            # Frames take many batches: a deadline per frame scaled by its tile count, and chunks
+            # no larger than half the queue so single-image requests keep their place in line.
+            deadline = loop.time() + settings.deadline_ms / 1000.0 * max(
+                1.0, len(tiles) / settings.max_batch_size
             )
-        except ValueError as exc:
-            raise RequestError(422, "bad_tiling", str(exc)) from None
-        # Frames take many batches: a deadline per frame scaled by its tile count, and chunks
-        # no larger than half the queue so single-image requests keep their place in line.
-        deadline = loop.time() + settings.deadline_ms / 1000.0 * max(
-            1.0, len(tiles) / settings.max_batch_size
+            chunk = max(1, min(settings.queue_size // 2, 4 * settings.max_batch_size))
+            rows: list[np.ndarray] = []
+            infer_ms = 0.0
+            for _, crops in iter_tile_batches(frame, tiles, chunk):
+                batch = await asyncio.to_thread(preprocess_batch, crops, spec)
+                results = await asyncio.gather(*(engine.infer(x, deadline) for x in batch))
+                rows.extend(p for p, _ in results)
+                infer_ms += max(t.infer_ms for _, t in results)
+        probs = np.stack(rows)
+        point, _ = operating_point_for(card, origin.line_id, settings.line_operating_points)
+        regions = merge_regions(
+            tiles, probs, card.class_names, card.good_class, threshold=point.review_low
         )
-        chunk = max(1, min(settings.queue_size // 2, 4 * settings.max_batch_size))
-        rows: list[np.ndarray] = []
-        infer_ms = 0.0
-        for _, crops in iter_tile_batches(frame, tiles, chunk):
-            batch = await asyncio.to_thread(preprocess_batch, crops, spec)
-            results = await asyncio.gather(*(engine.infer(x, deadline) for x in batch))
-            rows.extend(p for p, _ in results)
-            infer_ms += max(t.infer_ms for _, t in results)
-    probs = np.stack(rows)
-    point, _ = operating_point_for(card, origin.line_id, settings.line_operating_points)
-    regions = merge_regions(
-        tiles, probs, card.class_names, card.good_class, threshold=point.review_low
-    )
-    answer = [_region(r, point.verdict(r.confidence), pixel_pitch_mm) for r in regions]
-    verdict = max((r.verdict for r in answer), key=SEVERITY.__getitem__, default=Verdict.PASS)
-    created = datetime.now(UTC)
-    label = answer[0].label if answer else card.good_class
-    archived = await archive_if_needed(
-        service, data, sha256=sha256, verdict=verdict, label=label, created=created
-    )
-    worst = max(answer, key=lambda r: r.confidence, default=None)
-    inspection_id = uuid.uuid4().hex
-    timings = {
-        "decode_ms": decode_ms,
-        "queue_ms": 0.0,
-        "infer_ms": infer_ms,
-        "total_ms": (time.perf_counter() - started) * 1000.0,
-    }
-    await service.records.add(
-        InspectionRecord(
-            id=inspection_id,
-            created=created,
-            line_id=origin.line_id,
-            station_id=origin.station_id,
-            cell_id=origin.cell_id,
-            model_name=engine.name,
-            model_version=engine.version,
-            label=worst.label if worst else card.good_class,
-            confidence=worst.confidence if worst else float(probs[:, card.good_index].min()),
-            probabilities={
-                c: float(p) for c, p in zip(card.class_names, probs.max(axis=0), strict=True)
-            },
+        answer = [_region(r, point.verdict(r.confidence), pixel_pitch_mm) for r in regions]
+        verdict = max((r.verdict for r in answer), key=SEVERITY.__getitem__, default=Verdict.PASS)
+        created = datetime.now(UTC)
+        label = answer[0].label if answer else card.good_class
+        archived = await archive_if_needed(
+            service, data, sha256=sha256, verdict=verdict, label=label, created=created
+        )
+        worst = max(answer, key=lambda r: r.confidence, default=None)
+        inspection_id = uuid.uuid4().hex
+        timings = {
+            "decode_ms": decode_ms,
+            "queue_ms": 0.0,
+            "infer_ms": infer_ms,
+            "total_ms": (time.perf_counter() - started) * 1000.0,
+        }
+        await service.records.add(
+            InspectionRecord(
+                id=inspection_id,
+                created=created,
+                line_id=origin.line_id,
+                station_id=origin.station_id,
+                cell_id=origin.cell_id,
+                model_name=engine.name,
+                model_version=engine.version,
+                label=worst.label if worst else card.good_class,
+                confidence=worst.confidence if worst else float(probs[:, card.good_index].min()),
+                probabilities={
+                    c: float(p) for c, p in zip(card.class_names, probs.max(axis=0), strict=True)
+                },
+                verdict=verdict,
+                timings=timings,
+                image_sha256=sha256,
+                archive_path=archived,
+                frame_regions=[r.model_dump(mode="json") for r in answer],
+            )
+        )
+        timings["total_ms"] = (time.perf_counter() - started) * 1000.0
+        return FrameResponse(
+            inspection_id=inspection_id,
             verdict=verdict,
+            regions=answer,
+            width=width,
+            height=height,
+            tiles=len(tiles),
+            model=ModelInfo(name=engine.name, version=engine.version),
             timings=timings,
-            image_sha256=sha256,
-            archive_path=archived,
-            frame_regions=[r.model_dump(mode="json") for r in answer],
         )
-    )
-    timings["total_ms"] = (time.perf_counter() - started) * 1000.0
-    return FrameResponse(
-        inspection_id=inspection_id,
-        verdict=verdict,
-        regions=answer,
-        width=width,
-        height=height,
-        tiles=len(tiles),
-        model=ModelInfo(name=engine.name, version=engine.version),
-        timings=timings,
-    )
 
 
 def _region(region: Region, verdict: Verdict, pitch: float | None) -> FrameRegion:

@@ -165,8 +165,11 @@ def start_server(
         **os.environ,
         "CELLINSPECT_HOME": str(home),
         "BENCH_MODEL": MODEL,
-        **({} if threads is None else {"BENCH_THREADS": str(threads)}),
-        **({} if threads is None else {"CELLINSPECT_INTRA_OP_THREADS": str(threads)}),
+        **(
+            {}
+            if threads is None
+            else {"BENCH_THREADS": str(threads), "CELLINSPECT_INTRA_OP_THREADS": str(threads)}
+        ),
         **(env or {}),
     }
     if kind == "naive":

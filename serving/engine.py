@@ -129,18 +129,51 @@ class ModelEngine:
         probs, _, timing = await self.infer_with_heatmap(x, deadline)
         return probs, timing
 
-    async def infer_with_heatmap(
-        self, x: np.ndarray, deadline: float
-    ) -> tuple[np.ndarray, np.ndarray | None, BatchTiming]:
-        """Like `infer`, plus the H x W defect heatmap in [0, 1] (None: the model has none)."""
-        # Checked here because one malformed tensor in a batch would fail its neighbours too.
+    def _check_tensor(self, x: np.ndarray) -> None:
+        # Checked before batching because one malformed tensor would fail its neighbours too.
         if x.shape != self.input_shape or x.dtype != np.float32:
             raise ValueError(
                 f"{self.ref} expects a float32 tensor of shape {self.input_shape}, "
                 f"got {x.dtype} {x.shape}"
             )
+
+    async def infer_with_heatmap(
+        self, x: np.ndarray, deadline: float
+    ) -> tuple[np.ndarray, np.ndarray | None, BatchTiming]:
+        """Like `infer`, plus the H x W defect heatmap in [0, 1] (None: the model has none)."""
+        self._check_tensor(x)
         (logits, heatmap), timing = await self.batcher.submit(x, deadline=deadline)
         return self.loaded.probabilities(logits[None])[0], heatmap, timing
+
+    async def decode_and_infer(
+        self,
+        decoder: DecodePool,
+        data: bytes,
+        *,
+        max_pixels: int,
+        keep_image: bool,
+        deadline: float,
+    ) -> tuple[DecodedImage, np.ndarray, np.ndarray | None, BatchTiming]:
+        """Encoded image -> (decoded image, probabilities, heatmap or None, timing).
+
+        Decoded on `decoder` and then batched; but when the decode pool and this engine's
+        worker are both idle (a lone request), decoded and run in one worker hop instead.
+        """
+        spec = self.card.preprocessing
+        if decoder.idle:
+
+            def prepare() -> tuple[np.ndarray, DecodedImage]:
+                decoded = _decode_and_preprocess(data, spec, max_pixels, keep_image)
+                self._check_tensor(decoded.tensor)
+                return decoded.tensor, decoded
+
+            alone = await self.batcher.run_alone(prepare, deadline=deadline)
+            if alone is not None:
+                (logits, heatmap), timing, decoded = alone
+                return decoded, self.loaded.probabilities(logits[None])[0], heatmap, timing
+        decoded = await decoder.decode(data, spec, max_pixels=max_pixels, keep_image=keep_image)
+        probs, heatmap, timing = await self.infer_with_heatmap(decoded.tensor, deadline)
+        return decoded, probs, heatmap, timing
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[ModelEngine]:
@@ -580,6 +613,7 @@ class DecodePool:
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
         self._slots = asyncio.Semaphore(workers * 4)
         self._waiting = 0
+        self._busy = 0  # callers inside `run`: waiting for a slot or decoding
         self._decode_s = 0.002  # running mean of one decode, for Retry-After
         self.rejected = 0
 
@@ -593,6 +627,11 @@ class DecodePool:
         decoded = await self.run(_decode_and_preprocess, data, spec, max_pixels, keep_image)
         self._decode_s = 0.9 * self._decode_s + 0.1 * decoded.decode_ms / 1000
         return decoded
+
+    @property
+    def idle(self) -> bool:
+        """No image is being decoded or waiting to be."""
+        return self._busy == 0
 
     @property
     def full(self) -> bool:
@@ -612,14 +651,18 @@ class DecodePool:
                 retry_after_s=self.retry_after_s(),
             )
         self._waiting += 1
+        self._busy += 1
         try:
-            await self._slots.acquire()
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            finally:
+                self._slots.release()
         finally:
-            self._waiting -= 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
-            self._slots.release()
+            self._busy -= 1
 
     @contextlib.contextmanager
     def frame_slot(self) -> Iterator[None]:

@@ -87,13 +87,13 @@ async def inspect_image(
     deadline = loop.time() + settings.deadline_ms / 1000.0 - (time.perf_counter() - started)
     # A lease keeps this version alive across a concurrent hot reload.
     with service.registry.lease(model) as engine:
-        decoded = await service.decoder.decode(
+        decoded, probs, heat, timing = await engine.decode_and_infer(
+            service.decoder,
             data,
-            engine.card.preprocessing,
             max_pixels=settings.max_pixels,
             keep_image=service.shadow.needs_image(engine),
+            deadline=deadline,
         )
-        probs, heat, timing = await engine.infer_with_heatmap(decoded.tensor, deadline)
     decision = decide(
         probs, engine.card, line_id=origin.line_id, line_points=settings.line_operating_points
     )

@@ -258,3 +258,102 @@ def test_cancelled_caller_does_not_break_its_batch() -> None:
         assert 1 not in run.values_run
 
     asyncio.run(scenario())
+
+
+def test_run_alone_prepares_and_runs_in_one_worker_hop_when_idle() -> None:
+    async def scenario() -> None:
+        run = Recorder()
+        batcher = make(run)
+        await batcher.start()
+        threads: list[str] = []
+
+        def prepare() -> tuple[np.ndarray, str]:
+            threads.append(threading.current_thread().name)
+            return item(3), "extra"
+
+        row, timing, extra = await batcher.run_alone(prepare, deadline=deadline())
+        await batcher.stop()
+        assert float(row[0]) == 12.0 and extra == "extra"
+        assert (timing.queue_ms, timing.batch_size) == (0.0, 1) and timing.infer_ms >= 0
+        # The preparation ran on the batcher's own worker, not on the loop or another pool.
+        assert threads[0].startswith("batcher-") and run.batches == [[3.0]]
+        assert (batcher.batches_run, batcher.items_run) == (1, 1)
+
+    asyncio.run(scenario())
+
+
+def test_run_alone_declines_while_a_batch_runs_and_the_next_batch_waits_for_it() -> None:
+    async def scenario() -> None:
+        gate = threading.Event()
+        run = Recorder(gate=gate)
+        batcher = make(run)
+        await batcher.start()
+        first = asyncio.ensure_future(batcher.submit(item(1), deadline=deadline()))
+        await wait_until(lambda: batcher.batches_in_flight == 1)
+        prepared: list[int] = []
+        declined = await batcher.run_alone(
+            lambda: (prepared.append(1), (item(2), None))[1], deadline=deadline()
+        )
+        assert declined is None and prepared == []  # nothing done: the caller submits instead
+        gate.set()
+        await first
+        await wait_until(lambda: batcher.batches_in_flight == 0)
+
+        # A lone run holds the worker: a submit arriving meanwhile waits and runs after it.
+        gate.clear()
+        alone = asyncio.ensure_future(batcher.run_alone(lambda: (item(4), 0), deadline=deadline()))
+        await wait_until(lambda: batcher.batches_in_flight == 1)
+        queued = asyncio.ensure_future(batcher.submit(item(5), deadline=deadline()))
+        await asyncio.sleep(0.02)
+        assert not queued.done() and batcher.queue_depth == 1
+        gate.set()
+        await asyncio.gather(alone, queued)
+        await batcher.stop()
+        assert run.batches == [[1.0], [4.0], [5.0]]
+
+    asyncio.run(scenario())
+
+
+def test_run_alone_propagates_preparation_errors_and_frees_the_worker() -> None:
+    async def scenario() -> None:
+        run = Recorder()
+        batcher = make(run)
+        await batcher.start()
+
+        def bad() -> tuple[np.ndarray, None]:
+            raise ValueError("not an image")
+
+        with pytest.raises(ValueError, match="not an image"):
+            await batcher.run_alone(bad, deadline=deadline())
+        row, _ = await batcher.submit(item(2), deadline=deadline())
+        assert float(row[0]) == 8.0
+        await wait_until(lambda: batcher.batches_in_flight == 0)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.run_alone(lambda: (item(1), None), deadline=deadline(-1))
+        await batcher.stop()
+        assert run.batches == [[2.0]]
+
+    asyncio.run(scenario())
+
+
+def test_stop_waits_for_a_lone_run_whose_caller_gave_up() -> None:
+    async def scenario() -> None:
+        gate = threading.Event()
+        run = Recorder(gate=gate)
+        batcher = make(run)
+        await batcher.start()
+        alone = asyncio.ensure_future(
+            batcher.run_alone(lambda: (item(1), None), deadline=deadline())
+        )
+        await wait_until(lambda: batcher.batches_in_flight == 1)
+        alone.cancel()
+        await asyncio.sleep(0.01)
+        assert batcher.batches_in_flight == 1  # the worker is still busy: not released early
+        stopping = asyncio.ensure_future(batcher.stop())
+        await asyncio.sleep(0.02)
+        assert not stopping.done()
+        gate.set()
+        await stopping
+        assert run.batches == [[1.0]] and batcher.batches_in_flight == 0
+
+    asyncio.run(scenario())

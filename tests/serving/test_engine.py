@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from pathlib import Path
 
@@ -191,6 +192,50 @@ def test_in_flight_requests_complete_during_reload(store: ModelStore) -> None:
         assert not np.allclose(late, expected)
         await registry.close()
         assert not v1.batcher.running
+
+    asyncio.run(scenario())
+
+
+def test_decode_and_infer_alone_or_concurrent_gives_the_same_answer(
+    store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 3).astype(np.uint8)
+    data = encode_png(image)
+    reference = LoadedModel.load(store, "tiny@1", threads=1).predict([image])[0]
+
+    async def scenario() -> None:
+        registry = ModelRegistry(store, settings_for(store, ["tiny"]))
+        await registry.load_all()
+        engine = registry.get(None)
+        pool = DecodePool(2)
+        pooled: list[object] = []
+        decode = pool.decode
+
+        async def spy(*args: object, **kwargs: object) -> object:
+            pooled.append(args[0])
+            return await decode(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(pool, "decode", spy)
+        options = {"max_pixels": 10_000, "keep_image": False}
+        # Alone: decoded on the batcher's worker, the decode pool is not used.
+        decoded, probs, heatmap, timing = await engine.decode_and_infer(
+            pool, data, deadline=deadline(), **options
+        )
+        assert pooled == [] and decoded.image is None and heatmap is None
+        assert timing.queue_ms == 0.0 and timing.batch_size == 1
+        np.testing.assert_allclose(probs, reference, rtol=1e-6, atol=1e-7)
+        assert decoded.sha256 == hashlib.sha256(data).hexdigest()
+        # Together: all but the first go through the pool and the batcher, same answers.
+        many = await asyncio.gather(
+            *(engine.decode_and_infer(pool, data, deadline=deadline(), **options) for _ in range(8))
+        )
+        assert len(pooled) >= 7
+        for _, p, _, _ in many:
+            np.testing.assert_allclose(p, reference, rtol=1e-6, atol=1e-7)
+        with pytest.raises(TruncatedImageError):  # decode errors come back unchanged
+            await engine.decode_and_infer(pool, data[:40], deadline=deadline(), **options)
+        pool.close()
+        await registry.close()
 
     asyncio.run(scenario())
 

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from hostilekit import DECODE_REFUSALS, HostileImage, hostile_images, png_zeros
 from servicekit import auth, make_settings, png
 
+from cellinspect.serving import engine as engine_module
 from cellinspect.serving.app import create_app
 from cellinspect.serving.batcher import Overloaded
 from cellinspect.serving.engine import DecodePool
@@ -248,17 +249,17 @@ def test_single_images_keep_only_their_model_input_while_waiting(
 ) -> None:
     # Without a shadow candidate that preprocesses differently, nothing needs the decoded
     # pixels after preprocessing: a bomb at the pixel limit must not be held to the answer.
-    decoder = hostile.app.state.service.decoder
     kept: list[bool] = []
-    decode = decoder.decode
+    decode = engine_module._decode_and_preprocess
 
-    async def spy(*args: object, **kwargs: object) -> object:
-        kept.append(bool(kwargs["keep_image"]))
-        decoded = await decode(*args, **kwargs)
+    def spy(data: bytes, spec: object, max_pixels: int, keep_image: bool) -> object:
+        kept.append(keep_image)
+        decoded = decode(data, spec, max_pixels, keep_image)
         assert decoded.image is None
         return decoded
 
-    monkeypatch.setattr(decoder, "decode", spy)
+    # Both the decode pool and a lone request's one-hop path decode through this.
+    monkeypatch.setattr(engine_module, "_decode_and_preprocess", spy)
     bomb = png_zeros(1000, 1000, color_type=6, depth=16)  # 8 MB of pixels in 9 kB
     headers = {"Content-Type": "image/png", **auth("station")}
     assert hostile.post("/v1/inspect", content=bomb, headers=headers).status_code == 200

@@ -6,6 +6,7 @@ Who may call which route: tests/serving/test_authz_matrix.py.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import struct
 import time
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from servicekit import auth, make_settings, png
 
 from cellinspect.datasets.decode import encode_png
+from cellinspect.serving import app as app_module
 from cellinspect.serving.app import create_app
 
 
@@ -312,3 +314,19 @@ def test_archive_retention_runs_at_start_up(home: Path) -> None:
             time.sleep(0.05)
         assert not (home / "archive" / "2020-01-01").exists()
         assert c.get("/readyz").status_code == 200
+
+
+def test_start_up_objects_are_frozen_once_per_process(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Full collections must not walk what lives as long as the process (40-100 ms pauses
+    # under load, benchmarks/RESULTS.md), but a process building many apps freezes once.
+    monkeypatch.setattr(app_module, "_frozen", False)
+    freezes: list[bool] = []
+    monkeypatch.setattr(gc, "freeze", lambda: freezes.append(True))
+    with TestClient(create_app(make_settings(home))) as c:
+        assert freezes == [True]  # before the first request: start-up ends with it
+        assert c.get("/readyz").status_code == 200
+    with TestClient(create_app(make_settings(home))) as c:
+        assert c.get("/readyz").status_code == 200
+    assert freezes == [True]

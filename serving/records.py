@@ -702,21 +702,66 @@ def _upgrade_schema(engine: Engine) -> None:
 
 
 def _missing(engine: Engine) -> tuple[list[Column[Any]], list[Index]]:
-    """The table's columns and indexes that the database lacks."""
+    """The table's columns and indexes that the database lacks (or has only half built)."""
     table = _TABLE
     found = inspect(engine)
     columns = {c["name"] for c in found.get_columns(table.name)}
-    indexes = {i["name"] for i in found.get_indexes(table.name)}
+    indexes = {i["name"] for i in found.get_indexes(table.name)} - _invalid_indexes(engine)
     return (
         [c for c in table.columns if c.name not in columns],
         [i for i in table.indexes if i.name not in indexes],
     )
 
 
+def _invalid_indexes(engine: Engine) -> set[str]:
+    """PostgreSQL: the table's indexes left INVALID by an interrupted concurrent build."""
+    if engine.dialect.name != "postgresql":
+        return set()
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = to_regclass(:table) AND NOT i.indisvalid"
+            ),
+            {"table": _TABLE.name},
+        )
+        return {row[0] for row in rows}
+
+
+# Held by the one process upgrading a PostgreSQL table; the others wait for it (any bigint).
+_UPGRADE_LOCK = 0x63656C6C  # "cell"
+
+
 def _add_missing(engine: Engine) -> None:
-    columns, indexes = _missing(engine)
-    if not columns and not indexes:
+    if engine.dialect.name == "postgresql":
+        # AUTOCOMMIT: CREATE INDEX CONCURRENTLY cannot run inside a transaction.
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            try:
+                conn.execute(text("SET statement_timeout = 0"))  # a large table takes minutes
+                # One upgrader at a time: a second worker must not take the first one's
+                # index, INVALID while it is being built, for an interrupted build.
+                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _UPGRADE_LOCK})
+                columns, indexes = _missing(engine)
+                _upgrade(conn, columns, indexes, rebuild=_invalid_indexes(engine))
+            finally:
+                # Closed, not pooled: ending the session drops the lock and the timeout.
+                conn.invalidate()
         return
+    columns, indexes = _missing(engine)
+    if columns or indexes:
+        with engine.begin() as conn:
+            _upgrade(conn, columns, indexes, rebuild=None)
+
+
+def _upgrade(
+    conn: Connection,
+    columns: list[Column[Any]],
+    indexes: list[Index],
+    *,
+    rebuild: set[str] | None,
+) -> None:
+    """Add `columns` and build `indexes`; `rebuild` (PostgreSQL only, else None) names the
+    half-built ones to drop first, and its presence means: build concurrently."""
     required = [c.name for c in columns if not c.nullable]
     if required:
         raise RuntimeError(
@@ -724,17 +769,23 @@ def _add_missing(engine: Engine) -> None:
             "it cannot be upgraded in place"
         )
     table = _TABLE
-    with engine.begin() as conn:
-        quote = conn.dialect.identifier_preparer.quote
-        for column in columns:
-            logger.warning("records: upgrading table %s: adding column %s", table.name, column.name)
-            kind = column.type.compile(dialect=conn.dialect)
-            conn.execute(
-                text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
-            )
-        for index in indexes:
-            logger.warning("records: upgrading table %s: adding index %s", table.name, index.name)
-            conn.execute(CreateIndex(index, if_not_exists=True))
+    quote = conn.dialect.identifier_preparer.quote
+    for column in columns:
+        logger.warning("records: upgrading table %s: adding column %s", table.name, column.name)
+        kind = column.type.compile(dialect=conn.dialect)
+        conn.execute(
+            text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
+        )
+    for index in indexes:
+        logger.warning("records: upgrading table %s: adding index %s", table.name, index.name)
+        create = str(CreateIndex(index, if_not_exists=True).compile(dialect=conn.dialect))
+        if rebuild is not None:
+            # PostgreSQL: other writers (another worker, another station's service) go on
+            # while a large table is indexed; a plain CREATE INDEX would block them all.
+            if index.name in rebuild:  # an interrupted build left it INVALID: start again
+                conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(str(index.name))}"))
+            create = create.replace(" INDEX ", " INDEX CONCURRENTLY ", 1)
+        conn.execute(text(create))
 
 
 def _create_engine(url: str) -> Engine:

@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, delete, text
+from sqlalchemy import Engine, create_engine, delete, event, text
 from sqlalchemy.engine import make_url
 
 from cellinspect.models.card import Verdict
@@ -29,6 +29,8 @@ from cellinspect.serving.records import (
 )
 
 from .test_records import (
+    OLD_ID,
+    OLD_SCHEMA,
     T0,
     check_duplicate_key_in_a_group_keeps_the_others,
     check_old_database_upgrades_in_place,
@@ -207,17 +209,103 @@ def test_duplicate_key_in_a_group_keeps_the_others(url: str) -> None:
     check_duplicate_key_in_a_group_keeps_the_others(url)
 
 
-def test_old_database_upgrades_in_place_and_keeps_its_rows() -> None:
-    # A database of its own: the shared one's table is already upgraded by the other tests.
+@contextlib.contextmanager
+def own_database() -> Iterator[str]:
+    """The URL of a fresh database of its own, dropped afterwards (the shared one's table
+    is already upgraded by the other tests)."""
     assert URL
     server = create_engine(make_url(URL).set(database="postgres"), isolation_level="AUTOCOMMIT")
     name = f"cellinspect_upgrade_{secrets.token_hex(4)}"
     with server.connect() as conn:
         conn.execute(text(f"CREATE DATABASE {name}"))
     try:
-        url = make_url(URL).set(database=name).render_as_string(hide_password=False)
-        check_old_database_upgrades_in_place(url, "TIMESTAMP WITH TIME ZONE")
+        yield make_url(URL).set(database=name).render_as_string(hide_password=False)
     finally:
         with server.connect() as conn:
             conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
         server.dispose()
+
+
+@contextlib.contextmanager
+def statements_run() -> Iterator[list[str]]:
+    """Every SQL statement any engine sends while inside."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+
+
+def test_old_database_upgrades_in_place_and_keeps_its_rows() -> None:
+    with own_database() as url, statements_run() as seen:
+        check_old_database_upgrades_in_place(url, "TIMESTAMP WITH TIME ZONE")
+    # The upgrade's (the old schema's own CREATE INDEX statements have no IF NOT EXISTS),
+    # built concurrently, so writers elsewhere (another worker or station) are not blocked.
+    built = [s for s in seen if "INDEX" in s and "IF NOT EXISTS" in s]
+    assert built and all("INDEX CONCURRENTLY IF NOT EXISTS" in s for s in built), built
+
+
+def test_workers_starting_together_upgrade_once_and_all_start() -> None:
+    with own_database() as url:
+        setup = create_engine(url)
+        with setup.begin() as conn:  # the first release's table: no key column or index
+            for statement in OLD_SCHEMA:
+                conn.execute(
+                    text(
+                        statement.format(
+                            timestamp="TIMESTAMP WITH TIME ZONE", old_id=OLD_ID, sha="0" * 64
+                        )
+                    )
+                )
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                RecordStore(url).close_sync()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        with statements_run() as seen:
+            workers = [threading.Thread(target=start) for _ in range(3)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(60)
+        assert errors == []
+        built = [s for s in seen if "INDEX CONCURRENTLY" in s]
+        assert len(built) == 1, built  # one upgrader; the others found it done
+        with setup.connect() as conn:
+            assert not conn.execute(
+                text("SELECT count(*) FROM pg_index WHERE NOT indisvalid")
+            ).scalar_one()
+        setup.dispose()
+
+
+def test_a_half_built_index_is_built_again_and_timeouts_stay_in_force() -> None:
+    with own_database() as url:
+        RecordStore(url).close_sync()
+        admin = create_engine(url)
+        with admin.begin() as conn:  # what an interrupted CREATE INDEX CONCURRENTLY leaves
+            conn.execute(
+                text(
+                    "UPDATE pg_index SET indisvalid = false "
+                    "WHERE indexrelid = 'ix_inspections_cell_id'::regclass"
+                )
+            )
+        valid = text(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_inspections_cell_id'::regclass"
+        )
+        with statements_run() as seen, RecordStore(url) as store:
+            with admin.connect() as conn:
+                assert conn.execute(valid).scalar_one() is True
+            # The upgrade lifted the statement timeout on its own session only.
+            with store.engine.connect() as conn:
+                assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "30s"
+            assert asyncio.run(store.add(make_record(1))) is None
+        assert any("DROP INDEX CONCURRENTLY" in s and "ix_inspections_cell_id" in s for s in seen)
+        admin.dispose()

@@ -38,6 +38,10 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.05, ge=0)
     warmup_epochs: float = Field(0.5, ge=0)  # linear warm-up, then cosine decay to 0
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Weight of the auxiliary stride-16 CAM head's cross-entropy beside the main loss; the
+    # exported heatmap reads that head (finer map). 0: no such head, the heatmap is the last
+    # feature map's Grad-CAM. See benchmarks/RESULTS.md, "Defect heatmaps".
+    aux_cam_weight: float = Field(0.5, ge=0)
     # Binary tasks: train on the probability in this metadata key (e.g. ELPV's "probability")
     # instead of the hard label; validation and metrics keep the hard labels.
     soft_label_key: str | None = None

@@ -44,7 +44,7 @@ from cellinspect.models.metrics import evaluate_predictions
 from cellinspect.models.predict import LoadedModel, softmax
 from cellinspect.models.store import ModelStore
 from cellinspect.training.fit import BEST
-from cellinspect.training.networks import ExportableClassifier, create_model
+from cellinspect.training.networks import ExportableClassifier, create_model, has_aux_cam_weights
 
 log = logging.getLogger(__name__)
 # The exporter's graph passes log every rewrite at INFO: noise for the person exporting.
@@ -82,8 +82,13 @@ class Checkpoint:
             raise FileNotFoundError(f"{path}: no best checkpoint; train this run first")
         state = torch.load(path, map_location="cpu", weights_only=False)
         spec = PreprocessSpec.model_validate(state["preprocessing"])
+        # Checkpoints from before the auxiliary CAM head (or trained without it) load and
+        # export exactly as they did: no head, the Grad-CAM heatmap.
         net = create_model(
-            state["config"]["arch"], num_classes=len(state["class_names"]), in_chans=spec.channels
+            state["config"]["arch"],
+            num_classes=len(state["class_names"]),
+            in_chans=spec.channels,
+            aux_cam=has_aux_cam_weights(state["model"]),
         )
         net.load_state_dict(state["model"])
         return cls(

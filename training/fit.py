@@ -33,7 +33,7 @@ from cellinspect.training.data import (
     prepare_all,
     reseed_worker_augmentation,
 )
-from cellinspect.training.networks import create_model
+from cellinspect.training.networks import create_model, forward_with_aux, has_aux_cam_weights
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,17 @@ def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device) ->
     return torch.cat(chunks).numpy()
 
 
+def training_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module, aux_weight: float
+) -> torch.Tensor:
+    """The main head's loss, plus `aux_weight` times the auxiliary CAM head's on the same
+    targets (one forward pass feeds both; aux_weight > 0 needs a model with that head)."""
+    if not aux_weight:
+        return criterion(model(x), y)
+    logits, aux_logits = forward_with_aux(model, x)
+    return criterion(logits, y) + aux_weight * criterion(aux_logits, y)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -113,6 +124,7 @@ def train_one_epoch(
     memory_format: torch.memory_format = torch.contiguous_format,
     ema: AveragedModel | None = None,
     mixer: BatchMixer | None = None,
+    aux_weight: float = 0.0,
 ) -> tuple[float, int, float]:
     """One pass over `loader` (updating `ema` after each step); returns (mean loss, images
     seen, seconds)."""
@@ -126,7 +138,7 @@ def train_one_epoch(
             x, y = mixer(x, y)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
-            loss = criterion(model(x), y)
+            loss = training_loss(model, x, y, criterion, aux_weight)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -245,7 +257,11 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
     train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, inv_freq, device)
 
     model = create_model(
-        cfg.arch, num_classes=n_classes, in_chans=spec.channels, weights=cfg.weights
+        cfg.arch,
+        num_classes=n_classes,
+        in_chans=spec.channels,
+        weights=cfg.weights,
+        aux_cam=cfg.aux_cam_weight > 0,
     )
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
@@ -294,6 +310,12 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
             or state["preprocessing"] != extra["preprocessing"]
         ):
             raise ValueError(f"{run_dir / LAST}: checkpoint was made for other classes or input")
+        has_aux = has_aux_cam_weights(state["model"])
+        if has_aux != (cfg.aux_cam_weight > 0):
+            raise ValueError(
+                f"{run_dir / LAST}: checkpoint was made {'with' if has_aux else 'without'} the "
+                f"auxiliary CAM head; resume with aux_cam_weight {'> 0' if has_aux else '0'}"
+            )
         model.load_state_dict(state.get("train_model", state["model"]))
         if ema is not None:
             ema.module.load_state_dict(state["model"])
@@ -324,6 +346,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
             memory_format,
             ema,
             mixer,
+            cfg.aux_cam_weight,
         )
         rates.append(seen / seconds)
         record = {

@@ -76,8 +76,12 @@ def create_model(
     in_chans: int = 1,
     weights: str | Path | None = None,
     bn_momentum: float | None = 0.1,
+    aux_cam: bool = False,
 ) -> nn.Module:
     """Build `arch` with `num_classes` outputs and an `in_chans`-channel stem.
+
+    `aux_cam` adds the auxiliary class-activation head on the stride-16 feature map
+    (`add_aux_cam_head`), which the fit loop trains and the exported heatmap reads.
 
     `bn_momentum` overrides the BatchNorm running-statistics momentum (None keeps the
     torchvision default): MobileNetV3 ships 0.01, tuned for ImageNet's 10k+ steps per
@@ -101,6 +105,8 @@ def create_model(
             bias=conv.bias is not None,
         )
         setattr(parent, attr, new)
+    if aux_cam:
+        add_aux_cam_head(model, num_classes)
     if weights is not None:
         load_local_weights(model, weights, arch=arch, in_chans=in_chans)
     return model
@@ -126,6 +132,8 @@ def load_local_weights(model: nn.Module, path: str | Path, *, arch: Arch, in_cha
     if stem_key in state:
         state[stem_key] = adapt_input_conv(state[stem_key], in_chans)
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    # A source trained with the auxiliary head lends its backbone to a model without one.
+    skipped += [k for k in state if k.startswith(f"{AUX_CAM}.") and k not in own]
     for key in skipped:
         del state[key]
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -138,29 +146,114 @@ def load_local_weights(model: nn.Module, path: str | Path, *, arch: Arch, in_cha
     )
 
 
+# The auxiliary head's attribute on the net, and so its state-dict prefix ("aux_cam.weight").
+AUX_CAM = "aux_cam"
+
+
+def add_aux_cam_head(net: nn.Module, num_classes: int) -> nn.Linear:
+    """Attach the auxiliary class-activation head to `net` and return it.
+
+    A linear layer on the globally averaged stride-16 feature map: the same as a 1 x 1
+    convolution to one map per class followed by global average pooling, so its
+    class-activation map is exact CAM (Zhou et al. 2016), at input / 16 instead of the last
+    feature map's input / 32. It is trained beside the main head (TrainConfig.aux_cam_weight)
+    and only the heatmap reads it: the logits never do.
+
+    Zero-initialised, so it draws nothing from the random generator (a seeded run's backbone
+    and main head start from the same weights with or without it) and sends no gradient into
+    the backbone before it has learnt something.
+    """
+    channels = _last_conv(_stride16_block(net)).out_channels
+    head = nn.utils.skip_init(nn.Linear, channels, num_classes)  # nn.Linear would draw
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    setattr(net, AUX_CAM, head)
+    return head
+
+
+def aux_cam_head(net: nn.Module) -> nn.Linear | None:
+    """The net's auxiliary CAM head, or None for a net built without one."""
+    head = getattr(net, AUX_CAM, None)
+    return head if isinstance(head, nn.Linear) else None
+
+
+def has_aux_cam_weights(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict was saved from a net with the auxiliary CAM head."""
+    return any(key.startswith(f"{AUX_CAM}.") for key in state)
+
+
+def forward_with_aux(net: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, auxiliary logits) of a net with the auxiliary head, in one pass; the logits
+    are bit-identical to `net(image)`."""
+    head = aux_cam_head(net)
+    if head is None:
+        raise ValueError(f"{type(net).__name__} has no auxiliary CAM head ({AUX_CAM})")
+    fine, last = _feature_maps(net, image)
+    pool = net.avgpool
+    assert isinstance(pool, nn.Module)
+    logits = _head(net)(torch.flatten(pool(last), 1))
+    return logits, head(fine.mean(dim=(2, 3)))
+
+
+class HeatmapSource(StrEnum):
+    """Which class-activation map of the defect log-odds fills the `heatmap` output."""
+
+    GRAD_CAM = "grad-cam"  # closed-form Grad-CAM at the last feature map (input / 32)
+    AUX_CAM = "aux-cam"  # exact CAM of the auxiliary stride-16 head (input / 16)
+    # The two multiplied: the finer map sharpened, gated by where the main head looks.
+    AUX_CAM_X_GRAD_CAM = "aux-cam-x-grad-cam"
+
+
+# What a net with the auxiliary head exports unless told otherwise, chosen by the pointing
+# game on the validation split (benchmarks/RESULTS.md, "Defect heatmaps", session 4): as
+# good as the auxiliary map alone on average over seeds, and no seed far below 0.80.
+DEFAULT_AUX_SOURCE = HeatmapSource.AUX_CAM_X_GRAD_CAM
+
+
 class ExportableClassifier(nn.Module):
     """The module that goes to ONNX: image -> (logits, probabilities[, heatmap]).
 
     With `good_index` (the card's good class) it also returns a defect heatmap, N x H x W
-    in [0, 1] at the input size, from the same forward pass: the class-activation map of
-    the defect log-odds, log(sum over defect classes of exp(logit)) - logit[good], the
-    score whose sigmoid is the defect probability the operating point thresholds.
+    in [0, 1] at the input size, from the same forward pass: a class-activation map of the
+    defect log-odds, log(sum over defect classes of exp(logit)) - logit[good], the score
+    whose sigmoid is the defect probability the operating point thresholds.
 
-    The map is Grad-CAM at the last convolutional feature map A, computed in closed form
-    (the exporter cannot trace autograd): weights w = d(score)/d(pooled features) through
-    the head, map = ReLU(sum_k w_k A_k). For a linear head after global average pooling
-    (resnet18, efficientnet_b0) that is exactly CAM (Zhou et al. 2016) of the score's
-    linearisation; for MobileNetV3's Linear-Hardswish-Linear head the Hardswish slope is
-    taken at the image's own pooled features. Resolution is the feature map's (input / 32),
+    `source` picks the map (HeatmapSource); by default a net with the auxiliary stride-16
+    head exports DEFAULT_AUX_SOURCE and a net without it the Grad-CAM map, exactly as before
+    the head existed.
+
+    Grad-CAM is taken at the last convolutional feature map A, in closed form (the exporter
+    cannot trace autograd): weights w = d(score)/d(pooled features) through the head, map =
+    ReLU(sum_k w_k A_k). For a linear head after global average pooling (resnet18,
+    efficientnet_b0) that is exactly CAM (Zhou et al. 2016) of the score's linearisation; for
+    MobileNetV3's Linear-Hardswish-Linear head the Hardswish slope is taken at the image's own
+    pooled features. Its resolution is input / 32: on 128 px tiles a 4 x 4 grid, whose peak
+    lands on one of 16 cell centres 32 px apart, too coarse for pinhole-sized defects. The
+    auxiliary head's map is exact CAM of its own defect log-odds at input / 16. Maps are
     upsampled bilinearly. The defect classes are weighed by their softmax at temperature 1
-    (calibration comes after export; it barely moves where the map peaks), and a map with
-    no real positive evidence stays dim rather than being stretched (HEATMAP_FLOOR).
+    (calibration comes after export; it barely moves where the map peaks), and a map with no
+    real positive evidence stays dim rather than being stretched (HEATMAP_FLOOR).
     """
 
-    def __init__(self, net: nn.Module, *, good_index: int | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        good_index: int | None = None,
+        source: HeatmapSource | None = None,
+    ) -> None:
         super().__init__()
         self.net = net
         self.good_index = good_index
+        has_aux = aux_cam_head(net) is not None
+        if source is None:
+            source = DEFAULT_AUX_SOURCE if has_aux else HeatmapSource.GRAD_CAM
+        if source is not HeatmapSource.GRAD_CAM and not has_aux:
+            raise ValueError(
+                f"heatmap source {source.value!r} needs the auxiliary CAM head, which this net "
+                f"lacks; without it choose {HeatmapSource.GRAD_CAM.value!r}"
+            )
+        self.source = source
         if good_index is not None:
             head = _head(net)
             classes = next(m for m in reversed(list(head.modules())) if isinstance(m, nn.Linear))
@@ -178,12 +271,25 @@ class ExportableClassifier(nn.Module):
         if self.good_index is None:
             logits = self.net(image)
             return logits, torch.softmax(logits, dim=1)
-        features = _feature_map(self.net, image)
+        fine, last = _feature_maps(self.net, image)
         pool = self.net.avgpool
         assert isinstance(pool, nn.Module)  # the net's own pooling: logits stay bit-identical
-        pooled = torch.flatten(pool(features), 1)
+        pooled = torch.flatten(pool(last), 1)
         logits, weights = _head_with_evidence(_head(self.net), pooled, self.good_index)
-        heatmap = class_activation_map(features, weights, size=image.shape[-2:])
+        size = image.shape[-2:]
+        if self.source is HeatmapSource.GRAD_CAM:
+            return (
+                logits,
+                torch.softmax(logits, dim=1),
+                class_activation_map(last, weights, size=size),
+            )
+        aux = aux_cam_head(self.net)
+        assert aux is not None  # checked in __init__
+        aux_logits = aux(fine.mean(dim=(2, 3)))
+        aux_weights = _defect_direction(aux_logits, self.good_index) @ aux.weight
+        heatmap = class_activation_map(fine, aux_weights, size=size)
+        if self.source is HeatmapSource.AUX_CAM_X_GRAD_CAM:
+            heatmap = gated_map(heatmap, class_activation_map(last, weights, size=size))
         return logits, torch.softmax(logits, dim=1), heatmap
 
 
@@ -203,18 +309,72 @@ def class_activation_map(
     raw = raw.view(features.shape[0], 1, features.shape[2], features.shape[3])
     cam = functional.interpolate(torch.relu(raw), size=size, mode="bilinear", align_corners=False)
     peak = cam.amax(dim=(2, 3), keepdim=True)
-    floor = HEATMAP_FLOOR * raw.abs().amax(dim=(2, 3), keepdim=True) + 1e-12
-    return (cam / torch.maximum(peak, floor)).squeeze(1)
+    scale = torch.maximum(peak, HEATMAP_FLOOR * raw.abs().amax(dim=(2, 3), keepdim=True))
+    return (cam / _nonzero(scale)).squeeze(1)
+
+
+def gated_map(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """fine * coarse (N x H x W maps in [0, 1]), rescaled so its peak is the product of the
+    two maps' peaks: two full maps give a full one, a dim one keeps the result dim, and maps
+    that barely overlap are not stretched beyond 1 / HEATMAP_FLOOR."""
+    both = fine * coarse
+    peak = both.amax(dim=(1, 2), keepdim=True)
+    target = fine.amax(dim=(1, 2), keepdim=True) * coarse.amax(dim=(1, 2), keepdim=True)
+    scale = torch.maximum(peak, HEATMAP_FLOOR * target)
+    return both * target / _nonzero(scale)
+
+
+def _nonzero(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` with zeros replaced by 1: a map with no evidence at all (an untrained auxiliary
+    head) is all 0 and stays 0 instead of 0 / 0. An epsilon would not do: the ONNX exporter
+    folds `x + 1e-12` away, and a NaN anywhere in the graph also breaks INT8 calibration."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _stride16_block(net: nn.Module) -> nn.Module:
+    """The module whose output is the last stride-16 feature map (input / 16)."""
+    if isinstance(net, tvm.ResNet):
+        return net.layer3
+    if isinstance(net, tvm.MobileNetV3 | tvm.EfficientNet):
+        features = net.features
+        assert isinstance(features, nn.Sequential)
+        return features[_stride16_index(features)]
+    raise TypeError(f"no heatmap for {type(net).__name__}; supported: {', '.join(Arch)}")
+
+
+def _stride16_index(features: nn.Sequential) -> int:
+    """The block before the last downsampling one: its output is at input / 16."""
+    downsampling = [
+        i
+        for i, block in enumerate(features)
+        if any(isinstance(m, nn.Conv2d) and max(m.stride) > 1 for m in block.modules())
+    ]
+    return downsampling[-1] - 1
+
+
+def _last_conv(module: nn.Module) -> nn.Conv2d:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
+
+
+def _feature_maps(net: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the last stride-16 feature map, the last feature map: what global average pooling
+    reads), from one pass through the backbone."""
+    if isinstance(net, tvm.ResNet):
+        x = net.maxpool(net.relu(net.bn1(net.conv1(image))))
+        fine = net.layer3(net.layer2(net.layer1(x)))
+        return fine, net.layer4(fine)
+    if isinstance(net, tvm.MobileNetV3 | tvm.EfficientNet):
+        features = net.features
+        assert isinstance(features, nn.Sequential)
+        split = _stride16_index(features) + 1
+        fine = features[:split](image)
+        return fine, features[split:](fine)
+    raise TypeError(f"no heatmap for {type(net).__name__}; supported: {', '.join(Arch)}")
 
 
 def _feature_map(net: nn.Module, image: torch.Tensor) -> torch.Tensor:
     """The last convolutional feature map: what global average pooling reads."""
-    if isinstance(net, tvm.ResNet):
-        x = net.maxpool(net.relu(net.bn1(net.conv1(image))))
-        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
-    if isinstance(net, tvm.MobileNetV3 | tvm.EfficientNet):
-        return net.features(image)
-    raise TypeError(f"no heatmap for {type(net).__name__}; supported: {', '.join(Arch)}")
+    return _feature_maps(net, image)[1]
 
 
 def _head(net: nn.Module) -> nn.Module:
@@ -232,6 +392,14 @@ def _hardswish_slope(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x <= -3, torch.zeros_like(x), torch.where(x >= 3, torch.ones_like(x), inner))
 
 
+def _defect_direction(logits: torch.Tensor, good_index: int) -> torch.Tensor:
+    """d(defect log-odds)/d(logits): d/dz [logsumexp(z_defect) - z_good] is the softmax over
+    the defect classes, and -1 at good."""
+    good = functional.one_hot(torch.tensor(good_index), logits.shape[1]).to(logits.dtype)
+    defect_share = torch.softmax(logits.masked_fill(good.bool(), float("-inf")), dim=1)
+    return defect_share - good
+
+
 def _head_with_evidence(
     head: nn.Module, pooled: torch.Tensor, good_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,10 +413,7 @@ def _head_with_evidence(
         inputs.append(x)
         x = layer(x)
     logits = x
-    # d/dz [logsumexp(z_defect) - z_good] = softmax over the defect classes, -1 at good.
-    good = functional.one_hot(torch.tensor(good_index), logits.shape[1]).to(logits.dtype)
-    defect_share = torch.softmax(logits.masked_fill(good.bool(), float("-inf")), dim=1)
-    grad = defect_share - good
+    grad = _defect_direction(logits, good_index)
     for layer, x in zip(reversed(layers), reversed(inputs), strict=True):
         if isinstance(layer, nn.Linear):
             grad = grad @ layer.weight

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cellinspect.training.networks import Arch, adapt_input_conv, create_model, parse_arch
+from cellinspect.training.networks import (
+    Arch,
+    adapt_input_conv,
+    aux_cam_head,
+    create_model,
+    parse_arch,
+)
 
 
 @pytest.mark.parametrize("arch", list(Arch))
@@ -50,3 +56,30 @@ def test_weights_of_another_arch_are_refused(tmp_path) -> None:
     torch.save(create_model("mobilenet_v3_small", num_classes=2).state_dict(), path)
     with pytest.raises(ValueError, match="do not fit resnet18"):
         create_model("resnet18", num_classes=2, weights=path)
+
+
+def test_weights_with_the_aux_cam_head_lend_their_backbone_to_a_model_without_it(
+    tmp_path,
+) -> None:
+    source = create_model("mobilenet_v3_small", num_classes=2, aux_cam=True)
+    path = tmp_path / "aux.pth"
+    torch.save(source.state_dict(), path)
+    model = create_model("mobilenet_v3_small", num_classes=2, weights=path)
+    assert aux_cam_head(model) is None
+    assert torch.equal(model.classifier[0].weight, source.classifier[0].weight)
+    with_head = create_model("mobilenet_v3_small", num_classes=2, aux_cam=True, weights=path)
+    assert aux_cam_head(with_head) is not None
+
+
+def test_aux_cam_head_leaves_a_seeded_models_weights_and_later_draws_unchanged() -> None:
+    torch.manual_seed(0)
+    plain, plain_draw = create_model("mobilenet_v3_small", num_classes=3), torch.rand(4)
+    torch.manual_seed(0)
+    with_head, head_draw = (
+        create_model("mobilenet_v3_small", num_classes=3, aux_cam=True),
+        torch.rand(4),
+    )
+    assert torch.equal(plain_draw, head_draw)
+    state = with_head.state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in plain.state_dict().items())
+    assert set(state) - set(plain.state_dict()) == {"aux_cam.weight", "aux_cam.bias"}

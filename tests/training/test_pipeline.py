@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from cellinspect.training.data import (
 )
 from cellinspect.training.export import ExportParityError, export_run
 from cellinspect.training.fit import BEST, CONFIG, LAST, METRICS, build_spec, fit
+from cellinspect.training.networks import has_aux_cam_weights
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,36 @@ def test_resume_continues_from_last_epoch(trained_run) -> None:
     assert result.epochs_run == 1  # only epoch 3 was left
     epochs = [json.loads(x)["epoch"] for x in (more.run_dir / METRICS).read_text().splitlines()]
     assert epochs == [0, 1, 2]
+
+
+def test_aux_cam_head_is_trained_and_saved_only_when_its_loss_is_on(
+    trained_run, tiny_data, tmp_path
+) -> None:
+    state = torch.load(trained_run.run_dir / LAST, weights_only=False)["model"]
+    assert trained_run.aux_cam_weight > 0  # the default
+    assert has_aux_cam_weights(state) and state["aux_cam.weight"].any()  # left its zero init
+    cfg = TrainConfig(
+        data=str(tiny_data),
+        out=str(tmp_path / "run"),
+        epochs=1,
+        img_size=48,
+        batch_size=16,
+        workers=0,
+        aux_cam_weight=0,
+    )
+    fit(cfg, progress=False)
+    assert not has_aux_cam_weights(torch.load(cfg.run_dir / LAST, weights_only=False)["model"])
+
+
+def test_resume_refuses_a_checkpoint_made_with_another_aux_cam_setting(
+    trained_run, tmp_path
+) -> None:
+    shutil.copytree(trained_run.run_dir, tmp_path / "run")
+    other = trained_run.model_copy(
+        update={"out": str(tmp_path / "run"), "aux_cam_weight": 0.0, "epochs": 9}
+    )
+    with pytest.raises(ValueError, match="made with the auxiliary CAM head; resume with"):
+        fit(other, progress=False)
 
 
 def test_training_eval_path_and_predict_path_feed_identical_arrays(trained_run, tmp_path) -> None:

@@ -18,7 +18,7 @@ from cellinspect.cli import app
 from cellinspect.cli.data import synthesize
 from cellinspect.datasets.preprocess import PreprocessSpec
 from cellinspect.datasets.synth import SynthKind
-from cellinspect.models.card import LOGITS_NAME, PROBABILITIES_NAME
+from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, PROBABILITIES_NAME
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.runtime import create_session
 from cellinspect.models.store import ModelStore
@@ -190,6 +190,9 @@ def test_export_int8_publishes_fp32_then_int8_evaluated_alike(published) -> None
     assert 0.0 <= int8.parity["agreement"] <= 1.0
     assert int8.parity["calibration_samples"] == 32
     assert int8.parity["speed_vs_fp32"] > 0  # measured at export, on this machine
+    # The heatmap (the auxiliary CAM head's, trained by default) stays a float output.
+    assert fp32.output_names[-1] == int8.output_names[-1] == HEATMAP_NAME
+    assert "max_abs_heatmap_diff" in int8.parity
     assert int8.training_config == fp32.training_config
     assert int8.calibration is not None and fp32.calibration is not None
     assert int8.calibration.data == fp32.calibration.data

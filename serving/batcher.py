@@ -183,6 +183,11 @@ class MicroBatcher(Generic[RowT]):
         batches_ahead = len(self._queue) / self.max_batch_size + 1
         return max(_MIN_RETRY_AFTER_S, batches_ahead * self._batch_s)
 
+    def _expired(self, message: str) -> DeadlineExceeded:
+        """Count one expired item; the error its caller gets."""
+        self.items_expired += 1
+        return DeadlineExceeded(message, retry_after_s=self.retry_after_s())
+
     async def submit(self, x: np.ndarray, *, deadline: float) -> tuple[RowT, BatchTiming]:
         """Queue one preprocessed tensor; return its output row once its batch has run."""
         if self._task is None or self._closing:
@@ -192,10 +197,7 @@ class MicroBatcher(Generic[RowT]):
         loop = asyncio.get_running_loop()
         now = loop.time()
         if deadline <= now:
-            self.items_expired += 1
-            raise DeadlineExceeded(
-                "deadline already passed at submit", retry_after_s=self.retry_after_s()
-            )
+            raise self._expired("deadline already passed at submit")
         if len(self._queue) >= self.queue_size:
             self.items_rejected += 1
             raise Overloaded(
@@ -211,10 +213,8 @@ class MicroBatcher(Generic[RowT]):
             async with asyncio.timeout_at(deadline):
                 return await item.future
         except TimeoutError:
-            self.items_expired += 1
-            raise DeadlineExceeded(
-                f"no result within the deadline (waited {1000 * (loop.time() - now):.0f} ms)",
-                retry_after_s=self.retry_after_s(),
+            raise self._expired(
+                f"no result within the deadline (waited {1000 * (loop.time() - now):.0f} ms)"
             ) from None
 
     async def run_alone(
@@ -233,10 +233,7 @@ class MicroBatcher(Generic[RowT]):
             return None
         loop = asyncio.get_running_loop()
         if deadline <= loop.time():
-            self.items_expired += 1
-            raise DeadlineExceeded(
-                "deadline already passed at submit", retry_after_s=self.retry_after_s()
-            )
+            raise self._expired("deadline already passed at submit")
         await self._slots.acquire()  # free (checked above), so this does not suspend
         task = loop.create_task(self._execute_alone(prepare))
         self._in_flight.add(task)
@@ -246,10 +243,7 @@ class MicroBatcher(Generic[RowT]):
             async with asyncio.timeout_at(deadline):
                 return await asyncio.shield(task)
         except TimeoutError:
-            self.items_expired += 1
-            raise DeadlineExceeded(
-                "no result within the deadline", retry_after_s=self.retry_after_s()
-            ) from None
+            raise self._expired("no result within the deadline") from None
 
     def _prepare_and_run(
         self, prepare: Callable[[], tuple[np.ndarray, ExtraT]]
@@ -359,11 +353,9 @@ class MicroBatcher(Generic[RowT]):
             if item.future.done():  # its caller timed out or was cancelled
                 continue
             if item.deadline <= now:
-                self.items_expired += 1
                 item.future.set_exception(
-                    DeadlineExceeded(
-                        f"deadline passed after {1000 * (now - item.enqueued):.0f} ms in the queue",
-                        retry_after_s=self.retry_after_s(),
+                    self._expired(
+                        f"deadline passed after {1000 * (now - item.enqueued):.0f} ms in the queue"
                     )
                 )
                 continue

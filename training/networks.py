@@ -372,11 +372,6 @@ def _feature_maps(net: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, to
     raise TypeError(f"no heatmap for {type(net).__name__}; supported: {', '.join(Arch)}")
 
 
-def _feature_map(net: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """The last convolutional feature map: what global average pooling reads."""
-    return _feature_maps(net, image)[1]
-
-
 def _head(net: nn.Module) -> nn.Module:
     """The layers after global average pooling."""
     if isinstance(net, tvm.ResNet):

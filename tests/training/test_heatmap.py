@@ -39,7 +39,6 @@ from cellinspect.training.networks import (
     Arch,
     ExportableClassifier,
     HeatmapSource,
-    _feature_map,
     _feature_maps,
     _head,
     aux_cam_head,
@@ -67,7 +66,7 @@ def test_heatmap_is_grad_cam_of_defect_log_odds_and_logits_are_unchanged(arch: A
     assert torch.equal(logits, expected_logits)
     assert heatmap.shape == (2, 64, 96) and heatmap.min() >= 0 and heatmap.max() <= 1
     # The same map by autograd: d(log-odds)/dA summed over positions weighs each channel.
-    features = _feature_map(net, x).detach().requires_grad_(True)
+    features = _feature_maps(net, x)[1].detach().requires_grad_(True)
     z = _head(net)(torch.flatten(net.avgpool(features), 1))
     log_odds = torch.logsumexp(z[:, [0, 2, 3]], dim=1) - z[:, 1]
     (grad,) = torch.autograd.grad(log_odds.sum(), features)

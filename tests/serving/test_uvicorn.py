@@ -126,17 +126,24 @@ def test_two_workers_share_one_metrics_view_and_follow_a_promotion(
                 f"{server.url}/v1/inspect", content=png(255), headers=headers
             ).status_code
 
+        # The health check passes once one worker is up; the other may still be loading
+        # its model and take no connection yet, so send rounds until both have answered
+        # (one counter file each).
+        sent, deadline = 0, time.monotonic() + 60
         with ThreadPoolExecutor(8) as pool:
-            assert list(pool.map(post, range(40))) == [200] * 40
-        # Both workers answered (one counter file each), and any scrape sums them.
-        assert len(list(metrics_dir.glob("counter_*.db"))) == 2
+            while len(list(metrics_dir.glob("counter_*.db"))) < 2:
+                assert time.monotonic() < deadline, "the second worker never answered"
+                assert list(pool.map(post, range(40))) == [200] * 40
+                sent += 40
+        # Any scrape, whichever worker serves it, sums both workers' counts.
         time.sleep(1.5)  # a worker copies its batchers' counters every second
         for _ in range(6):
             text = httpx.get(f"{server.url}/metrics").text
             assert (
-                metric(text, "cellinspect_requests_total", route="/v1/inspect", status="200") == 40
+                metric(text, "cellinspect_requests_total", route="/v1/inspect", status="200")
+                == sent
             )
-            assert metric(text, "cellinspect_inferences_total", model="tiny") == 40
+            assert metric(text, "cellinspect_inferences_total", model="tiny") == sent
         promoted = httpx.post(
             f"{server.url}/v1/models/tiny/promote", json={"version": "2"}, headers=ad
         )

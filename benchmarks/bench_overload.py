@@ -2,6 +2,7 @@
 
     python benchmarks/bench_overload.py [--factor 2] [--seconds 30] [--requests 50000]
     python benchmarks/bench_overload.py --soak-minutes 30 [--soak-load 0.7]
+    (either with --workers N: N server processes, RSS, descriptors and threads summed)
 
 1. Capacity: `wrk` with 16 clients for 8 s (the same measurement as bench_serving.py).
 2. Overload: an open-loop client offers `factor` x capacity for `seconds` — requests go
@@ -147,21 +148,35 @@ async def open_loop(
     return result
 
 
-def rss_mib(pid: int) -> float:
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (uvicorn's worker processes with `--workers N`)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*/children"):
+            pids += [int(child) for child in task.read_text().split()]
+        i += 1
+    return pids
+
+
+def _status_field(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of `pid` and its descendants, summed."""
+    return sum(_status_field(p, "VmRSS:") for p in process_tree(pid)) / 1024
 
 
 def process_counts(pid: int) -> tuple[int, int]:
-    """(open file descriptors, threads) of `pid`."""
-    threads = next(
-        int(line.split()[1])
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        if line.startswith("Threads:")
+    """(open file descriptors, threads) of `pid` and its descendants."""
+    tree = process_tree(pid)
+    return (
+        sum(len(os.listdir(f"/proc/{p}/fd")) for p in tree),
+        sum(_status_field(p, "Threads:") for p in tree),
     )
-    return len(os.listdir(f"/proc/{pid}/fd")), threads
 
 
 class PeakRss:
@@ -241,6 +256,9 @@ def main() -> None:
         "--soak-minutes", type=int, default=0, help="soak instead of overload (minutes)"
     )
     parser.add_argument("--soak-load", type=float, default=0.7, help="soak load / capacity")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes (`cellinspect serve --workers`)"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
@@ -255,7 +273,9 @@ def main() -> None:
         publish_model(home, 224)
         image, script = write_load(home, 300)
         url = f"http://127.0.0.1:{args.port}{ROUTE}"
-        proc = start_server("cellinspect", home, args.port, threads=None)  # its defaults
+        proc = start_server(  # the service's defaults
+            "cellinspect", home, args.port, threads=None, workers=args.workers, new_session=True
+        )
         try:
             wrk(url, 16, 3, script, image)  # warm-up
             capacity = statistics.median(wrk(url, 16, 8, script, image)["rps"] for _ in range(2))
@@ -287,9 +307,10 @@ def main() -> None:
             recovered = wrk(url, 16, 8, script, image)["rps"]
             answered = len(over.latencies_ok) + len(over.latencies_503)
         finally:
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)  # the group: uvicorn and its workers
             proc.wait(timeout=60)
-    print(f"\ncapacity (16 clients, median of 2 x 8 s): {capacity:.0f} img/s")
+    print(f"\nserver: cellinspect serve --workers {args.workers}")
+    print(f"capacity (16 clients, median of 2 x 8 s): {capacity:.0f} img/s")
     print(
         f"\noverload: offered {args.factor:g}x = {rate:.0f} req/s for {args.seconds:g} s "
         f"({over.offered} requests; client fell behind schedule by at most "

@@ -49,7 +49,7 @@ def _build_service(settings: Settings) -> Service:
             retention_days=settings.archive_retention_days,
         ),
         decoder=DecodePool(
-            settings.decode_workers or settings.cores,
+            settings.cores if settings.decode_workers is None else settings.decode_workers,
             max_waiting=settings.decode_queue_size,
             max_frames=settings.max_frames_in_flight,
         ),

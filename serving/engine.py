@@ -591,30 +591,43 @@ FRAME_RETRY_AFTER_S = 1.0  # a frame takes seconds: asking back sooner only adds
 
 
 class DecodePool:
-    """Decoding and preprocessing in a bounded thread pool, off the event loop.
+    """Decoding and preprocessing in a bounded thread pool, off the event loop, or on the
+    loop's own thread (`workers=0`).
 
     At most `workers * 4` images are handed to the pool at once; further callers wait on
     the semaphore (holding only their request bytes) instead of piling up decoded frames.
     At most `max_waiting` callers wait: the next one gets `Overloaded` (503) at once. This
     is the service's admission bound: without it, a load above capacity queues here until
     the deadline and the few requests that are served wait almost all of it.
+
+    With `workers=0` an image is decoded where its request runs, with no hand-off to a
+    thread and back. That pays where a process owns one core (`serve --workers N` on N
+    cores): the hand-offs cost more CPU than the decode gains from a thread of its own
+    (benchmarks/RESULTS.md). Nothing then waits inside the pool, so the admission bound
+    counts image requests in progress instead (`admitted`, kept by the request gate): at
+    most `max_waiting`. Frames (`run`) still decode on a thread, the frame's own: seconds
+    of work must not stop the loop.
     """
 
     def __init__(self, workers: int, *, max_waiting: int = 64, max_frames: int = 2) -> None:
-        if workers < 1 or max_waiting < 1 or max_frames < 1:
+        if workers < 0 or max_waiting < 1 or max_frames < 1:
             raise ValueError(
-                "decode workers, max_waiting and max_frames must be at least 1, got "
-                f"{workers}, {max_waiting}, {max_frames}"
+                "decode workers must be at least 0, max_waiting and max_frames at least 1, "
+                f"got {workers}, {max_waiting}, {max_frames}"
             )
         self.workers = workers
+        self.inline = workers == 0
         self.max_waiting = max_waiting
         self.max_frames = max_frames
         self._frames = 0
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-        self._slots = asyncio.Semaphore(workers * 4)
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(1, workers), thread_name_prefix="decode"
+        )
+        self._slots = asyncio.Semaphore(max(1, workers) * 4)
         self._waiting = 0
         self._busy = 0  # callers inside `run`: waiting for a slot or decoding
         self._decode_s = 0.002  # running mean of one decode, for Retry-After
+        self.admitted = 0  # image requests in progress (counted by the gate)
         self.rejected = 0
 
     async def decode(
@@ -624,7 +637,10 @@ class DecodePool:
 
         With `keep_image=False` only the tensor outlives the worker, not the decoded pixels.
         """
-        decoded = await self.run(_decode_and_preprocess, data, spec, max_pixels, keep_image)
+        if self.inline:
+            decoded = _decode_and_preprocess(data, spec, max_pixels, keep_image)
+        else:
+            decoded = await self.run(_decode_and_preprocess, data, spec, max_pixels, keep_image)
         self._decode_s = 0.9 * self._decode_s + 0.1 * decoded.decode_ms / 1000
         return decoded
 
@@ -635,11 +651,16 @@ class DecodePool:
 
     @property
     def full(self) -> bool:
-        """Every worker slot taken and `max_waiting` callers waiting: the next one is refused."""
+        """Every worker slot taken and `max_waiting` callers waiting (inline: `max_waiting`
+        image requests in progress): the next one is refused."""
+        if self.inline:
+            return self.admitted >= self.max_waiting
         return self._slots.locked() and self._waiting >= self.max_waiting
 
     def retry_after_s(self) -> float:
         """A guess at how long the images waiting now take to decode."""
+        if self.inline:
+            return max(0.05, self.admitted * self._decode_s)
         return max(0.05, self._waiting * self._decode_s / self.workers)
 
     async def run(self, fn: Callable[..., _T], *args: object) -> _T:

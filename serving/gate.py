@@ -1,11 +1,13 @@
 """The outermost layer of the service: request counts for /metrics, and admission control.
 
-Admission: while the decode pool already holds its maximum of waiting images, a new image
-request would be refused by the pool anyway, after FastAPI had routed it, checked its key
-and read its body (up to `max_body_bytes`). Under 5x overload those refusals took most of
-the CPU the accepted requests needed (docs/RELIABILITY.md), so this gate answers the same
-503 + Retry-After before any of that: one attribute check per request. A refused caller
-learns only that the service is busy, never whether its key is valid.
+Admission: while the decode pool already holds its maximum of waiting images (or, when it
+decodes on the loop, of image requests in progress), a new image request would be refused
+by the pool anyway, after FastAPI had routed it, checked its key and read its body (up to
+`max_body_bytes`). Under 5x overload those refusals took most of the CPU the accepted
+requests needed (docs/RELIABILITY.md), so this gate answers the same 503 + Retry-After
+before any of that: one attribute check per request. A refused caller learns only that the
+service is busy, never whether its key is valid. An inline pool has no queue of its own to
+refuse from: this gate's count of the image requests in progress is its only bound.
 
 Written as plain ASGI, not Starlette `BaseHTTPMiddleware`, which would add a task and a
 memory stream to every request on the hot path.
@@ -52,7 +54,8 @@ class RequestGate:
             return
         metrics = self.service.metrics
         decoder = self.service.decoder
-        if decoder.full and is_image_route(scope["method"], scope["path"]):
+        image = is_image_route(scope["method"], scope["path"])
+        if image and decoder.full:
             decoder.rejected += 1
             metrics.rejected.labels("overloaded").inc()
             metrics.requests.labels("gate", "503").inc()
@@ -66,9 +69,11 @@ class RequestGate:
                 status = message["status"]
             await send(message)
 
+        decoder.admitted += int(image)  # the admission bound of a pool that decodes inline
         try:
             await self.app(scope, receive, counted)
         finally:
+            decoder.admitted -= int(image)
             route = scope.get("route")  # set by the router on a match
             template = getattr(route, "path", None) or "unmatched"
             metrics.requests.labels(template, str(status)).inc()

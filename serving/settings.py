@@ -69,7 +69,9 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(2.0, ge=0, le=1000)
     queue_size: int = Field(64, ge=1)  # images waiting for a batch; beyond it: 503
     deadline_ms: float = Field(2000, gt=0)  # per request; past it: 503 + Retry-After
-    decode_workers: int | None = Field(None, ge=1)  # None: the cores this process owns
+    # Decode threads; 0: decode on the event loop's thread. None: the cores this process
+    # owns (`serve --workers N` sets 0 when each worker's share is one core).
+    decode_workers: int | None = Field(None, ge=0)
     decode_queue_size: int = Field(64, ge=1)  # requests waiting for a decode worker; beyond: 503
     # Input limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)

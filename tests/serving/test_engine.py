@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
 from pathlib import Path
 
@@ -293,6 +294,49 @@ def test_decode_pool_refuses_at_once_beyond_its_waiting_bound(
         pool.close()
 
     asyncio.run(scenario())
+
+
+def test_an_inline_decode_pool_decodes_on_the_loop_and_frames_on_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`DecodePool(0)`: images are decoded on the event loop's thread with the same result
+    as on a worker; `run` (frames) still goes to a thread, seconds of work must not stop
+    the loop."""
+    from cellinspect.serving import engine as engine_module
+
+    real = engine_module._decode_and_preprocess
+    threads: list[int] = []
+
+    def spy(*args: object) -> object:
+        threads.append(threading.get_ident())
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "_decode_and_preprocess", spy)
+    image = np.random.default_rng(2).integers(0, 255, (20, 30), dtype=np.uint8)
+    data = encode_png(image)
+
+    async def scenario() -> None:
+        inline, pooled = DecodePool(0), DecodePool(1)
+        assert inline.inline and not pooled.inline
+        here = threading.get_ident()
+        decoded = await inline.decode(data, SPEC, max_pixels=10_000)
+        reference = await pooled.decode(data, SPEC, max_pixels=10_000)
+        assert threads[0] == here and threads[1] != here
+        np.testing.assert_array_equal(decoded.tensor, reference.tensor)
+        assert decoded.sha256 == reference.sha256 and decoded.decode_ms >= 0
+        with pytest.raises(TruncatedImageError):
+            await inline.decode(data[: len(data) // 2], SPEC, max_pixels=10_000)
+        assert inline.idle  # nothing stays counted after a failure
+        assert await inline.run(threading.get_ident) != here
+        inline.close()
+        pooled.close()
+
+    asyncio.run(scenario())
+
+
+def test_decode_pool_refuses_negative_workers() -> None:
+    with pytest.raises(ValueError, match="at least 0"):
+        DecodePool(-1)
 
 
 @pytest.mark.parametrize(

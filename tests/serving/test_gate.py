@@ -75,7 +75,7 @@ def test_image_routes() -> None:
 def gated_server() -> Iterator[tuple[int, SimpleNamespace]]:
     """A real uvicorn (httptools, as `cellinspect serve` runs) with the gate in front of an app
     that answers 200 after reading the whole body; the pool's `full` is switchable."""
-    decoder = SimpleNamespace(full=True, rejected=0, retry_after_s=lambda: 0.3)
+    decoder = SimpleNamespace(full=True, rejected=0, admitted=0, retry_after_s=lambda: 0.3)
     service = SimpleNamespace(decoder=decoder, metrics=ServiceMetrics())
 
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
@@ -155,3 +155,54 @@ def test_batch_counters_survive_a_reload_and_a_reused_batcher_id() -> None:
     assert metric(text, "cellinspect_inferences_total", model="m") == 14
     assert metric(text, "cellinspect_executions_total", model="m") == 3
     assert metric(text, "cellinspect_queue_depth", model="m") == 0
+
+
+def test_an_inline_pool_is_bounded_by_the_image_requests_in_progress() -> None:
+    """A pool that decodes on the loop has nobody waiting inside it: the gate counts the
+    image requests in progress, refuses the one past `max_waiting` at once, and frees the
+    place when an answer has gone (also when the app fails)."""
+    import asyncio
+
+    async def scenario() -> None:
+        pool = DecodePool(0, max_waiting=2)
+        service = SimpleNamespace(decoder=pool, metrics=ServiceMetrics())
+        release = asyncio.Event()
+
+        async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+            if scope["path"] == "/boom":
+                raise RuntimeError("app failed")
+            if scope["path"] == "/v1/inspect":
+                await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        gate = RequestGate(app, service)
+
+        async def call(method: str, path: str) -> int:
+            sent: list[dict] = []
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            async def receive() -> dict:
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            scope = {"type": "http", "method": method, "path": path}
+            await gate(scope, receive, send)  # type: ignore[arg-type]
+            return sent[0]["status"]
+
+        held = [asyncio.create_task(call("POST", "/v1/inspect")) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert pool.admitted == 2 and pool.full
+        assert await call("POST", "/v2/models/tiny/infer") == 503  # refused, not queued
+        assert pool.rejected == 1 and pool.retry_after_s() >= 0.05
+        assert await call("GET", "/v1/inspections") == 200  # only image routes are bounded
+        release.set()
+        assert await asyncio.gather(*held) == [200, 200]
+        assert pool.admitted == 0 and not pool.full
+        with pytest.raises(RuntimeError):
+            await call("POST", "/boom")
+        assert pool.admitted == 0
+        pool.close()
+
+    asyncio.run(scenario())

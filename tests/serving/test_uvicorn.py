@@ -169,3 +169,43 @@ def test_demo_serves_and_runs_the_camera(
     out = capsys.readouterr().out
     assert "service up at" in out
     assert out.count("verdict=") == 20 and "sent 20" in out
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "preset", "threads", "decoders"),
+    [
+        (2, 2, None, "1", "0"),  # one core each: decode on the loop
+        (8, 2, None, "2", "4"),
+        (4, 1, None, None, None),  # one process keeps its own defaults
+        (2, 2, "3", "1", "3"),  # an explicit setting wins
+    ],
+)
+def test_several_workers_split_the_threads_between_them(
+    monkeypatch: pytest.MonkeyPatch,
+    cores: int,
+    workers: int,
+    preset: str | None,
+    threads: str | None,
+    decoders: str | None,
+) -> None:
+    """`serve --workers N` hands each process its share of the cores before uvicorn starts
+    them: ORT threads, and decode threads (0, decoding on the loop, for one core's share)."""
+    import uvicorn
+
+    from cellinspect.cli.serve import serve
+
+    names = ("CELLINSPECT_INTRA_OP_THREADS", "CELLINSPECT_DECODE_WORKERS")
+    for name in (*names, "PROMETHEUS_MULTIPROC_DIR"):
+        monkeypatch.setenv(name, "")  # recorded, so whatever serve() sets is undone
+        monkeypatch.delenv(name)
+    if preset is not None:
+        monkeypatch.setenv("CELLINSPECT_DECODE_WORKERS", preset)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)))
+    seen: dict[str, object] = {}
+
+    def run(*_args: object, **kwargs: object) -> None:
+        seen.update({name: os.environ.get(name) for name in names}, workers=kwargs["workers"])
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    serve(model=None, host="127.0.0.1", port=free_port(), workers=workers)
+    assert seen == {names[0]: threads, names[1]: decoders, "workers": workers}

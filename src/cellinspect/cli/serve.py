@@ -64,6 +64,11 @@ def serve(
             os.environ["CELLINSPECT_INTRA_OP_THREADS"] = str(
                 max(1, settings.ort_threads // workers)
             )
+        if settings.decode_workers is None:
+            # A worker with one core's share decodes on its event loop: the hand-offs to a
+            # decode thread and back cost more than they save (benchmarks/RESULTS.md).
+            share = settings.cores // workers
+            os.environ["CELLINSPECT_DECODE_WORKERS"] = str(share if share > 1 else 0)
         # Each worker keeps its own archive index: a share of the quota each keeps the sum in.
         os.environ["CELLINSPECT_ARCHIVE_QUOTA_BYTES"] = str(settings.archive_quota_bytes // workers)
         if not os.environ.get(MULTIPROCESS_ENV):  # one /metrics over all workers

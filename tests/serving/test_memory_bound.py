@@ -70,8 +70,10 @@ LEAK_TOLERANCE = 24 * MiB  # RSS growth allowed from the end of round 1 to the l
 
 def memory_budget(limits: Limits) -> int:
     """Bytes the service may grow above its warmed-up RSS under this load."""
+    # Decodes at once: one per worker; an inline pool (0) decodes on the event loop and
+    # frames on one thread of their own, so two.
     decoding = (
-        limits.decode_workers
+        (limits.decode_workers or 2)
         * DECODE_BYTES_PER_PIXEL
         * max(limits.max_pixels, limits.max_frame_pixels)
     )

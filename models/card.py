@@ -19,6 +19,27 @@ PROBABILITIES_NAME = "probabilities"
 HEATMAP_NAME = "heatmap"  # optional: N x H x W defect map in [0, 1] at the input size
 
 
+class HeatmapSource(StrEnum):
+    """Which class-activation map of the defect log-odds fills the `heatmap` output
+    (training/networks.py makes them)."""
+
+    GRAD_CAM = "grad-cam"
+    AUX_CAM = "aux-cam"
+    AUX_CAM_X_GRAD_CAM = "aux-cam-x-grad-cam"
+
+    @property
+    def description(self) -> str:
+        return _HEATMAP_DESCRIPTIONS[self]
+
+
+_HEATMAP_DESCRIPTIONS = {
+    HeatmapSource.GRAD_CAM: "closed-form Grad-CAM at the last feature map (input / 32)",
+    HeatmapSource.AUX_CAM: "exact CAM of the auxiliary stride-16 head (input / 16)",
+    # The finer map sharpened, gated by where the main head looks.
+    HeatmapSource.AUX_CAM_X_GRAD_CAM: "auxiliary stride-16 CAM x stride-32 Grad-CAM",
+}
+
+
 class Task(StrEnum):
     CLASSIFICATION = "classification"
 
@@ -159,6 +180,8 @@ class ModelCard(BaseModel):
     calibration: CalibrationData | None = None  # validation predictions; None on older cards
     derived_from: str | None = None  # "name@version" this card re-published with a new point
     quantization: str | None = None  # e.g. "int8-qdq-s8s8"; None: the exported float model
+    # The map in the heatmap output; None: no such output, or a card from before this field.
+    heatmap: HeatmapSource | None = None
 
     @model_validator(mode="after")
     def _good_class_known(self) -> ModelCard:
@@ -178,6 +201,14 @@ class ModelCard(BaseModel):
             )
         if not all(0 <= label < n for label in self.calibration.labels):
             raise ValueError(f"calibration labels must be class indices 0..{n - 1}")
+        return self
+
+    @model_validator(mode="after")
+    def _heatmap_is_an_output(self) -> ModelCard:
+        if self.heatmap is not None and HEATMAP_NAME not in self.output_names:
+            raise ValueError(
+                f"heatmap {self.heatmap.value!r} named, but no {HEATMAP_NAME!r} output"
+            )
         return self
 
     @property

@@ -37,6 +37,7 @@ from cellinspect.models.card import (
     PROBABILITIES_NAME,
     DatasetRef,
     EvalMetrics,
+    HeatmapSource,
     ModelCard,
 )
 from cellinspect.models.leakage import TRAINING_HASHES_FILE, training_hashes_text
@@ -125,6 +126,13 @@ def output_names(model: torch.nn.Module) -> list[str]:
     """The ONNX outputs `model` returns, in order (logits, probabilities[, heatmap])."""
     names = getattr(model, "output_names", None)
     return list(names) if names is not None else [LOGITS_NAME, PROBABILITIES_NAME]
+
+
+def heatmap_source(model: torch.nn.Module) -> HeatmapSource | None:
+    """The map `model`'s heatmap output carries, for the card; None without that output."""
+    if HEATMAP_NAME not in output_names(model):
+        return None
+    return getattr(model, "source", None)
 
 
 def export_onnx(ckpt: Checkpoint, path: Path, *, opset: int = OPSET) -> None:
@@ -379,6 +387,7 @@ def export_run(
         training_config={**ckpt.config, "best_epoch": ckpt.epoch},
         code_commit=code_commit(),
         output_names=output_names(ckpt.model),
+        heatmap=heatmap_source(ckpt.model),
     )
     with tempfile.TemporaryDirectory(prefix="cellinspect-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"

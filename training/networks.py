@@ -16,7 +16,12 @@ from torch import nn
 from torch.nn import functional
 from torchvision import models as tvm
 
-from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, PROBABILITIES_NAME
+from cellinspect.models.card import (
+    HEATMAP_NAME,
+    LOGITS_NAME,
+    PROBABILITIES_NAME,
+    HeatmapSource,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +198,6 @@ def forward_with_aux(net: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor,
     assert isinstance(pool, nn.Module)
     logits = _head(net)(torch.flatten(pool(last), 1))
     return logits, head(fine.mean(dim=(2, 3)))
-
-
-class HeatmapSource(StrEnum):
-    """Which class-activation map of the defect log-odds fills the `heatmap` output."""
-
-    GRAD_CAM = "grad-cam"  # closed-form Grad-CAM at the last feature map (input / 32)
-    AUX_CAM = "aux-cam"  # exact CAM of the auxiliary stride-16 head (input / 16)
-    # The two multiplied: the finer map sharpened, gated by where the main head looks.
-    AUX_CAM_X_GRAD_CAM = "aux-cam-x-grad-cam"
 
 
 # What a net with the auxiliary head exports unless told otherwise, chosen by the pointing

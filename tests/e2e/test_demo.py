@@ -37,3 +37,6 @@ def test_demo_publishes_model_meeting_heldout_macro_f1(tmp_path: Path) -> None:
         timeout=120,
     )
     assert shown.returncode == 0 and "heldout" in shown.stdout
+    # The recipe trains the auxiliary CAM head: the card names the gated map it exports.
+    assert card.heatmap == "aux-cam-x-grad-cam"
+    assert "heatmap    aux-cam-x-grad-cam" in shown.stdout

@@ -105,3 +105,19 @@ def test_heatmap_not_at_input_size_is_a_model_load_error(tmp_path, tiny) -> None
     onnx.save(model, str(path))
     with pytest.raises(ModelLoadError, match=r"expected \[N, 8, 8\]"):
         LoadedModel.from_files(path, tiny.make_card(output_names=OUTPUTS))
+
+
+def test_card_names_the_map_of_its_heatmap_output(tiny) -> None:
+    from pydantic import ValidationError
+
+    from cellinspect.models.card import HeatmapSource, ModelCard
+
+    card = tiny.make_card(output_names=OUTPUTS, heatmap="aux-cam-x-grad-cam")
+    assert card.heatmap is HeatmapSource.AUX_CAM_X_GRAD_CAM
+    assert ModelCard.model_validate_json(card.to_json()).heatmap is card.heatmap
+    assert "stride-16" in card.heatmap.description
+    assert tiny.make_card(output_names=OUTPUTS).heatmap is None  # cards from before the field
+    with pytest.raises(ValidationError, match="no 'heatmap' output"):
+        tiny.make_card(heatmap="grad-cam")  # logits and probabilities only
+    with pytest.raises(ValidationError):
+        tiny.make_card(output_names=OUTPUTS, heatmap="saliency")

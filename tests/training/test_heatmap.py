@@ -32,7 +32,7 @@ from cellinspect.models.predict import LoadedModel
 from cellinspect.models.runtime import create_session
 from cellinspect.models.store import ModelStore
 from cellinspect.training.config import TrainConfig
-from cellinspect.training.export import Checkpoint, export_onnx, export_run
+from cellinspect.training.export import Checkpoint, export_onnx, export_run, heatmap_source
 from cellinspect.training.fit import BEST, fit
 from cellinspect.training.networks import (
     DEFAULT_AUX_SOURCE,
@@ -158,6 +158,8 @@ def test_checkpoint_without_aux_head_exports_the_grad_cam_map_as_before(tmp_path
     ckpt = Checkpoint.load(tmp_path)
     assert isinstance(ckpt.model, ExportableClassifier)
     assert ckpt.model.source is HeatmapSource.GRAD_CAM and aux_cam_head(ckpt.model.net) is None
+    assert heatmap_source(ckpt.model) is HeatmapSource.GRAD_CAM  # what the card will say
+    assert heatmap_source(ExportableClassifier(net)) is None  # no good class: no heatmap output
     x = torch.randn(3, 1, 64, 64)
     with torch.no_grad():
         _, _, heatmap = ckpt.model(x)
@@ -179,6 +181,7 @@ def test_checkpoint_with_aux_head_exports_its_map_and_onnx_runtime_agrees(tmp_pa
     write_checkpoint(tmp_path, net, spec)
     ckpt = Checkpoint.load(tmp_path)
     assert ckpt.model.source is DEFAULT_AUX_SOURCE
+    assert heatmap_source(ckpt.model) is DEFAULT_AUX_SOURCE
     export_onnx(ckpt, tmp_path / "model.onnx")
     session = create_session(tmp_path / "model.onnx", intra_op_threads=1)
     assert [o.name for o in session.get_outputs()][-1] == HEATMAP_NAME

@@ -109,6 +109,8 @@ def render_card(card: ModelCard) -> None:
         f"({spec.resize.value}, mean {spec.mean}, std {spec.std})"
     )
     console.print(f"classes    {', '.join(card.class_names)}  (good: {card.good_class})")
+    if card.heatmap is not None:
+        console.print(f"heatmap    {card.heatmap.value}: {card.heatmap.description}")
     render_calibration(card)
     render_operating_point(card.operating_point)
     if card.calibration and card.calibration.trade_off:

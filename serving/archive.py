@@ -213,6 +213,17 @@ class ImageArchive:
             return True
         return self._rng.random() < self.pass_sample_rate
 
+    def stored(self, sha256: str) -> str | None:
+        """The path of an image already archived (relative to root), else None.
+
+        For the event loop: one dict lookup, without the lock, which eviction and retention
+        hold while they delete files. (A dict read is atomic under the GIL; the entry may be
+        evicted a moment later, as it may once `save` has returned it.) A repeated image (a
+        camera's retry, a re-inspection) then needs no thread hand-off.
+        """
+        entry = self._index.get(sha256.lower())
+        return None if entry is None else entry.rel
+
     def save(
         self, data: bytes, *, sha256: str, verdict: Verdict, label: str, created: datetime, ext: str
     ) -> str | None:

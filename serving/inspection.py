@@ -50,6 +50,8 @@ async def archive_if_needed(
     """The image's archive path when the verdict (or the pass sample) keeps it, else None."""
     if not service.archive.should_archive(verdict):
         return None
+    if (stored := service.archive.stored(sha256)) is not None:
+        return stored
     return await asyncio.to_thread(
         service.archive.save,
         data,

@@ -55,6 +55,32 @@ def test_bright_image_is_scrapped_and_archived(client: TestClient) -> None:
     assert image.headers["x-content-type-options"] == "nosniff"  # uploaded bytes: never sniffed
 
 
+def test_an_image_archived_already_is_not_written_again(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repeated scrap image (a camera's retry) points at the stored file, found on the
+    loop: no thread hand-off and no second write."""
+    from cellinspect.serving.archive import ImageArchive
+
+    saves: list[str] = []
+    real = ImageArchive.save
+
+    def spy(self: ImageArchive, data: bytes, **kwargs: object) -> str | None:
+        saves.append(str(kwargs["sha256"]))
+        return real(self, data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ImageArchive, "save", spy)
+    first, again = (inspect(client, png(255), cell_id=f"C-{i}").json() for i in range(2))
+    assert first["verdict"] == again["verdict"] == "scrap" and len(saves) == 1
+    paths = [
+        client.get(f"/v1/inspections/{b['inspection_id']}", headers=auth("operator")).json()[
+            "archive_path"
+        ]
+        for b in (first, again)
+    ]
+    assert paths[0] is not None and paths[0] == paths[1]
+
+
 def test_pass_image_is_not_archived_when_sampling_is_off(client: TestClient) -> None:
     body = inspect(client, png(0)).json()
     r = client.get(f"/v1/inspections/{body['inspection_id']}/image", headers=auth("operator"))

@@ -89,6 +89,17 @@ def test_same_image_is_stored_once(tmp_path: Path) -> None:
     assert files_under(tmp_path) == [first] and archive.used_bytes == 100
 
 
+def test_stored_finds_an_archived_image_until_it_is_evicted(tmp_path: Path) -> None:
+    archive = make_archive(tmp_path, quota=200)
+    _, sha = image(1)
+    assert archive.stored(sha) is None
+    rel = save(archive, 1, Verdict.SCRAP)
+    assert rel is not None and archive.stored(sha) == rel == archive.stored(sha.upper())
+    save(archive, 2, Verdict.SCRAP, day=1)
+    save(archive, 3, Verdict.SCRAP, day=2)  # over the quota: the oldest scrap goes
+    assert archive.stored(sha) is None and not (tmp_path / rel).exists()
+
+
 def test_quota_evicts_oldest_pass_samples_first(tmp_path: Path) -> None:
     archive = make_archive(tmp_path, quota=1000)
     passes = [save(archive, i, Verdict.PASS, day=i) for i in range(5)]

@@ -35,6 +35,7 @@ from bench_serving import (  # noqa: E402
     publish_model,
     start_server,
     stop_server,
+    wait_listening,
     write_load,
     wrk,
 )
@@ -115,6 +116,9 @@ def main() -> None:
                     env=envs[name],
                     new_session=True,
                 )
+                workers = int(envs[name].get("CELLINSPECT_WORKERS", "1"))
+                if workers > 1:
+                    wait_listening(ports[name], workers)
             print(f"A: {args.a_env or '-'} {args.a_patch or ''}")
             print(f"B: {args.b_env or '-'} {args.b_patch or ''}")
             print(

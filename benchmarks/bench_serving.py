@@ -212,6 +212,8 @@ def start_server(
             log_file.close()  # the child holds its own descriptor
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", proc, ready_timeout_s)
+        if workers > 1:
+            wait_listening(port, workers)
     except BaseException:
         # A server that never got ready must not outlive the caller (it holds the port).
         if new_session:
@@ -222,6 +224,22 @@ def start_server(
         proc.wait()
         raise
     return proc
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets listening on `port` (IPv4), from /proc/net/tcp."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    fields = (line.split() for line in lines)
+    return sum(1 for f in fields if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port)
+
+
+def wait_listening(port: int, workers: int, timeout_s: float = 10.0) -> None:
+    """Until every worker listens (one socket each) or `timeout_s`: /readyz answers as soon
+    as one worker is up, and clients that connect before the others listen all stay on it.
+    (Workers that share one socket never show more than one: they wait out the timeout.)"""
+    deadline = time.monotonic() + timeout_s
+    while listening_sockets(port) < workers and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def require_comparison_venvs(kinds: list[str]) -> None:

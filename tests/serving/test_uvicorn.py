@@ -188,11 +188,13 @@ def test_several_workers_split_the_threads_between_them(
     threads: str | None,
     decoders: str | None,
 ) -> None:
-    """`serve --workers N` hands each process its share of the cores before uvicorn starts
-    them: ORT threads, and decode threads (0, decoding on the loop, for one core's share)."""
+    """`serve --workers N` hands each process its share of the cores before the workers
+    start: ORT threads, and decode threads (0, decoding on the loop, for one core's share);
+    several workers go to the socket-per-worker supervisor, one to a plain uvicorn server."""
     import uvicorn
 
     from cellinspect.cli.serve import serve
+    from cellinspect.serving import supervisor
 
     names = ("CELLINSPECT_INTRA_OP_THREADS", "CELLINSPECT_DECODE_WORKERS")
     for name in (*names, "PROMETHEUS_MULTIPROC_DIR"):
@@ -203,9 +205,79 @@ def test_several_workers_split_the_threads_between_them(
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)))
     seen: dict[str, object] = {}
 
-    def run(*_args: object, **kwargs: object) -> None:
-        seen.update({name: os.environ.get(name) for name in names}, workers=kwargs["workers"])
+    def record(how: str, config: uvicorn.Config) -> None:
+        seen.update({name: os.environ.get(name) for name in names}, how=how, n=config.workers)
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    class Server:
+        started = True
+
+        def __init__(self, config: uvicorn.Config) -> None:
+            self.config = config
+
+        def run(self) -> None:
+            record("server", self.config)
+
+    monkeypatch.setattr(uvicorn, "Server", Server)
+    monkeypatch.setattr(supervisor, "run_workers", lambda config: record("supervisor", config))
     serve(model=None, host="127.0.0.1", port=free_port(), workers=workers)
-    assert seen == {names[0]: threads, names[1]: decoders, "workers": workers}
+    how = "supervisor" if workers > 1 else "server"
+    assert seen == {names[0]: threads, names[1]: decoders, "how": how, "n": workers}
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets listening on loopback `port`, from /proc/net/tcp."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for r in rows if r[3] == "0A" and int(r[1].rsplit(":", 1)[1], 16) == port)
+
+
+def worker_pids(parent: int) -> set[int]:
+    pids: set[int] = set()
+    for children in Path(f"/proc/{parent}/task").glob("*/children"):
+        pids |= {int(pid) for pid in children.read_text().split()}
+    return {p for p in pids if b"spawn" in Path(f"/proc/{p}/cmdline").read_bytes()}
+
+
+def wait_for(condition: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_each_worker_listens_on_its_own_socket_and_a_dead_one_is_replaced(home: Path) -> None:
+    """`--workers 2`: two listening sockets on the port (SO_REUSEPORT), so the kernel spreads
+    connections over the workers; a killed worker is replaced and listens again; a second
+    service on the same port refuses to start instead of sharing it."""
+    with running_server(home, {}, args=("--workers", "2")) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        wait_for(lambda: listening_sockets(port) == 2, 60, "both workers listening")
+        workers = worker_pids(server.proc.pid)
+        assert len(workers) == 2
+        headers = {"Content-Type": "image/png", "X-API-Key": KEYS["station"]}
+
+        def post(_: int) -> int:  # a new connection each time
+            url = f"{server.url}/v1/inspect"
+            return httpx.post(url, content=png(0), headers=headers).status_code
+
+        victim = min(workers)
+        os.kill(victim, 9)
+        wait_for(lambda: victim not in worker_pids(server.proc.pid), 10, "the worker gone")
+        with ThreadPoolExecutor(4) as pool:  # the survivor answers meanwhile
+            assert list(pool.map(post, range(8))) == [200] * 8
+        wait_for(lambda: len(worker_pids(server.proc.pid)) == 2, 30, "a replacement started")
+        wait_for(lambda: listening_sockets(port) == 2, 60, "the replacement listening")
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(post, range(8))) == [200] * 8
+
+        second = subprocess.run(
+            [sys.executable, "-m", "cellinspect.cli", "serve", "--model", "tiny"]
+            + ["--port", str(port), "--workers", "2"],
+            env={**os.environ, "CELLINSPECT_HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode != 0
+        assert f"cannot listen on 127.0.0.1:{port}" in second.stderr + second.stdout
+        assert listening_sockets(port) == 2  # the first service is untouched

@@ -40,6 +40,7 @@ def serve(
 
     import uvicorn
     from pydantic import ValidationError
+    from uvicorn.config import STARTUP_FAILURE
 
     from cellinspect.serving.metrics import MULTIPROCESS_ENV
     from cellinspect.serving.settings import Settings
@@ -74,16 +75,25 @@ def serve(
         if not os.environ.get(MULTIPROCESS_ENV):  # one /metrics over all workers
             metrics_dir = tempfile.mkdtemp(prefix="cellinspect-metrics-")
             os.environ[MULTIPROCESS_ENV] = metrics_dir
+    config = uvicorn.Config(
+        "cellinspect.serving.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        access_log=False,  # one log line per image at line rate is noise; metrics count them
+    )
     try:
-        uvicorn.run(
-            "cellinspect.serving.app:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level="info",
-            access_log=False,  # one log line per image at line rate is noise; metrics count them
-        )
+        if workers > 1:
+            from cellinspect.serving.supervisor import run_workers
+
+            run_workers(config)  # a socket per worker: connections spread over them
+        else:
+            server = uvicorn.Server(config)
+            server.run()
+            if not server.started:  # what uvicorn.run does: the app or the bind failed
+                raise SystemExit(STARTUP_FAILURE)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)

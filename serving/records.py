@@ -701,12 +701,17 @@ def _upgrade_schema(engine: Engine) -> None:
             raise
 
 
-def _missing(engine: Engine) -> tuple[list[Column[Any]], list[Index]]:
-    """The table's columns and indexes that the database lacks (or has only half built)."""
+def _missing(
+    engine: Engine, invalid: set[str] | None = None
+) -> tuple[list[Column[Any]], list[Index]]:
+    """The table's columns and indexes that the database lacks (or has only half built:
+    `invalid`, looked up when not given)."""
     table = _TABLE
     found = inspect(engine)
     columns = {c["name"] for c in found.get_columns(table.name)}
-    indexes = {i["name"] for i in found.get_indexes(table.name)} - _invalid_indexes(engine)
+    if invalid is None:
+        invalid = _invalid_indexes(engine)
+    indexes = {i["name"] for i in found.get_indexes(table.name)} - invalid
     return (
         [c for c in table.columns if c.name not in columns],
         [i for i in table.indexes if i.name not in indexes],
@@ -741,8 +746,9 @@ def _add_missing(engine: Engine) -> None:
                 # One upgrader at a time: a second worker must not take the first one's
                 # index, INVALID while it is being built, for an interrupted build.
                 conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _UPGRADE_LOCK})
-                columns, indexes = _missing(engine)
-                _upgrade(conn, columns, indexes, rebuild=_invalid_indexes(engine))
+                invalid = _invalid_indexes(engine)
+                columns, indexes = _missing(engine, invalid)
+                _upgrade(conn, columns, indexes, rebuild=invalid)
             finally:
                 # Closed, not pooled: ending the session drops the lock and the timeout.
                 conn.invalidate()

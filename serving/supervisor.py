@@ -13,6 +13,11 @@ SIGTTIN/SIGTTOU, graceful SIGTERM); only the worker it starts binds its own sock
 parent holds a bound, never-listening socket on the port for the service's life: a second
 service started on the same port finds it taken and refuses to start instead of quietly
 sharing the port, and no other program can take the port between worker restarts.
+
+The price: when a worker stops (a restart, SIGTTOU, shutdown), connections the kernel had
+queued on its socket but the worker had not accepted yet are reset, where a shared socket
+would have handed them to another worker. Linux 5.14+ migrates them instead with
+`sysctl net.ipv4.tcp_migrate_req=1`.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ def claim_port(host: str, port: int) -> socket.socket:
     returned is bound with SO_REUSEPORT, so the workers' sockets can join it, but never
     listens, so no connection is queued on it."""
     try:
-        _socket(host, port, reuse_port=False).close()  # taken by anyone, even with SO_REUSEPORT?
+        # A plain bind fails while anything holds the port, SO_REUSEPORT sockets included.
+        _socket(host, port, reuse_port=False).close()
         return _socket(host, port, reuse_port=True)
     except OSError as exc:
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -76,7 +82,7 @@ def run_workers(config: Config) -> None:
     original = multiprocess.Process
     multiprocess.Process = ReusePortProcess  # type: ignore[misc]  # what Multiprocess starts
     try:
-        multiprocess.Multiprocess(config, sockets=[claimed]).run()
+        multiprocess.Multiprocess(config, sockets=[]).run()  # the workers bind their own
     finally:
         multiprocess.Process = original  # type: ignore[misc]
         claimed.close()

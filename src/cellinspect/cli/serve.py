@@ -31,8 +31,9 @@ def serve(
         1,
         min=1,
         envvar="CELLINSPECT_WORKERS",
-        help="Server processes; ORT threads are split between them (on 2 cores, 2 served "
-        "1.17-1.30x the images/s of 1 at 16-64 clients: benchmarks/RESULTS.md).",
+        help="Server processes, each listening on its own socket (SO_REUSEPORT); ORT and "
+        "decode threads are split between them (on 2 cores, 2 served 1.17-1.30x the "
+        "images/s of 1 at 16-64 clients: benchmarks/RESULTS.md).",
     ),
 ) -> None:
     """Run the inspection service (settings from CELLINSPECT_* environment and .env)."""

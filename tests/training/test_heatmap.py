@@ -363,9 +363,9 @@ def source_figures(
 
 def test_heatmaps_point_at_defects_of_a_quickly_trained_pass_scrap_model(tmp_path) -> None:
     """Fast variant (~45 s on one core): ok vs defect, every kind in one class, 30 tiles per
-    kind. The shipped map (auxiliary stride-16 CAM gated by Grad-CAM) scored 0.80, 0.81 and
-    0.90 with training seeds 0, 1, 2 on the dev box (the last feature map's Grad-CAM alone:
-    0.53, 0.75, 0.60; chance 0.16-0.23). Floats differ between CPUs, so even the seeded run
+    kind. The shipped map (auxiliary stride-16 CAM gated by Grad-CAM, head weight 0.25)
+    scored 0.90, 0.92 and 0.84 with training seeds 0, 1, 2 on the dev box (weight 0.5: 0.80,
+    0.81, 0.90; the last feature map's Grad-CAM alone: 0.53, 0.75, 0.60; chance 0.16-0.23). Floats differ between CPUs, so even the seeded run
     differs elsewhere: the floor sits below that spread. Broken maps (wrong sign, swapped
     axes, misplaced upsampling) sit at chance: the hits must also be far beyond what chance
     gives on the same masks (binomial test).
@@ -389,8 +389,9 @@ def test_heatmaps_point_at_defects_of_a_quickly_trained_pass_scrap_model(tmp_pat
 def test_heatmaps_point_at_defects_of_an_eight_class_model(tmp_path) -> None:
     """The demo's recipe: every electrode class, 300 tiles each at 128 px, 18 epochs
     (~2.5 min on one idle core), training seed 0; issue 4's bar of 0.80. With seeds 0, 1, 2
-    the shipped map scored 0.84, 0.84, 0.90 (chance 0.19-0.21); the last feature map's
-    Grad-CAM, which shipped before the auxiliary head, 0.68, 0.75, 0.57 on the same models.
+    the shipped map scored 0.87, 0.97, 0.93 (chance 0.17-0.21; head weight 0.5: 0.84, 0.84,
+    0.90); the last feature map's Grad-CAM, which shipped before the auxiliary head, 0.68,
+    0.75, 0.57 on the 0.5-weight models.
     """
     setup = PointingSetup(
         size=128,

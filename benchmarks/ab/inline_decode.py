@@ -1,4 +1,5 @@
-"""Experiment: decode and preprocess on the event loop's own thread (no pool hand-off).
+"""How session 6 first measured inline decoding, on the tree before `DECODE_WORKERS=0`
+existed: every pool call (images and frames alike) runs on the event loop's thread.
 
 Meant for `--workers N` with N = cores: each process then has one loop thread doing the
 Python and the decoding, and the batcher's worker doing ONNX Runtime."""

@@ -108,16 +108,19 @@ def prepare(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
     This is the half that augmentation works on during training.
     """
-    image = to_channels(image, spec.channels)
-    image = _scale(image)
-    h, w = image.shape[:2]
+    return _fit(_scale(to_channels(image, spec.channels)), spec)
+
+
+def _fit(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """float32 HxWxC -> float32 spec.height x spec.width x C by the spec's resize mode."""
+    h, w, channels = image.shape
     if spec.resize is ResizeMode.STRETCH:
         return _resize(image, spec.height, spec.width)
     if spec.resize is ResizeMode.LETTERBOX:
         scale = min(spec.height / h, spec.width / w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         inner = _resize(image, nh, nw)
-        out = np.full((spec.height, spec.width, spec.channels), spec.pad_value, np.float32)
+        out = np.full((spec.height, spec.width, channels), spec.pad_value, np.float32)
         top, left = (spec.height - nh) // 2, (spec.width - nw) // 2
         out[top : top + nh, left : left + nw] = inner
         return out
@@ -130,14 +133,29 @@ def prepare(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 def normalize(prepared: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """float32 HxWxC in [0, 1] -> float32 CxHxW, (x - mean) / std per channel."""
-    mean = np.asarray(spec.mean, np.float32)
-    inv_std = np.float32(1.0) / np.asarray(spec.std, np.float32)
-    out = (prepared.astype(np.float32, copy=False) - mean) * inv_std
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
+    prepared = prepared.astype(np.float32, copy=False)
+    return _normalize_planes([prepared[:, :, c] for c in range(prepared.shape[2])], spec)
+
+
+def _normalize_planes(planes: list[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """One float32 HxW plane per channel (the same array may stand for several) -> CxHxW,
+    written channel by channel: no HxWxC temporary, no transpose copy."""
+    out = np.empty((len(planes), *planes[0].shape), np.float32)
+    for c, (plane, mean, std) in enumerate(zip(planes, spec.mean, spec.std, strict=True)):
+        np.subtract(plane, np.float32(mean), out=out[c])
+        out[c] *= np.float32(1.0) / np.float32(std)
+    return out
 
 
 def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """The full contract: decoded image -> float32 CxHxW model input."""
+    if spec.channels == 3 and (image.ndim == 2 or image.shape[2] == 1):
+        # A gray image fills the three channels alike, and scaling and resizing treat
+        # channels independently: do both on one plane and normalise it into each channel.
+        # The same numbers as normalize(prepare(...)) for a third of the resizing
+        # (tests/datasets/test_preprocess.py checks they are equal).
+        plane = _fit(_scale(image.reshape(*image.shape[:2], 1)), spec)[:, :, 0]
+        return _normalize_planes([plane] * 3, spec)
     return normalize(prepare(image, spec), spec)
 
 

@@ -18,6 +18,9 @@ import hashlib
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Header
+from fastapi.exceptions import RequestValidationError
+from pydantic import StringConstraints, TypeAdapter, ValidationError
+from starlette.datastructures import Headers
 
 from cellinspect.serving.errors import RequestError
 from cellinspect.serving.records import IdempotencyKeyReused, InspectionRecord, RecordStore
@@ -32,6 +35,7 @@ REPLAYED = {REPLAYED_HEADER: "true"}  # the header on a replayed answer
 KEY_CHARS = r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}"  # an Identifier of at most 128 characters
 # Bare, or an RFC 8941 string (the draft's form): "quoted".
 KEY_PATTERN = rf'^(?:{KEY_CHARS}|"{KEY_CHARS}")$'
+KEY_MAX_LENGTH = 130
 
 REPLAYED_RESPONSE = {
     200: {
@@ -52,7 +56,7 @@ async def idempotency_key(
         str | None,
         Header(
             alias=IDEMPOTENCY_HEADER,
-            max_length=130,
+            max_length=KEY_MAX_LENGTH,
             pattern=KEY_PATTERN,
             description="make a retry safe: a request repeating a recorded key gets that "
             "answer back (header Idempotent-Replayed: true) instead of a second record. "
@@ -64,6 +68,26 @@ async def idempotency_key(
 ) -> str | None:
     """The request's idempotency key without the optional quotes, or None."""
     return None if key is None else key.strip('"')
+
+
+_KEY = TypeAdapter(
+    Annotated[str, StringConstraints(max_length=KEY_MAX_LENGTH, pattern=KEY_PATTERN)]
+)
+
+
+def idempotency_key_of(headers: Headers) -> str | None:
+    """`idempotency_key` for a route that reads its headers itself (`InspectRoute`): the
+    same checks, the same 422 as FastAPI's for the header."""
+    key = headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    try:
+        _KEY.validate_python(key)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("header", IDEMPOTENCY_HEADER)} for e in exc.errors(include_url=False)]
+        ) from None
+    return key.strip('"')
 
 
 IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]

@@ -58,27 +58,34 @@ async def records_reachable(service: Service) -> bool:
         return False
 
 
+def authorize(
+    service: Service, x_api_key: str | None, authorization: str | None, needed: Role
+) -> Role:
+    """The caller's role; 401 without a valid key, 403 when it is below `needed`."""
+    role = service.auth.role_for(presented_key(x_api_key, authorization))
+    if role is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or unknown API key (send X-API-Key or Authorization: Bearer)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not allows(role, needed):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"this key's role ({role.value}) cannot do this; needs {needed.value}",
+        )
+    return role
+
+
 def require(needed: Role) -> Callable[..., Coroutine[Any, Any, Role]]:
-    """Dependency: 401 without a valid key, 403 when the key's role is below `needed`."""
+    """Dependency: `authorize` for `needed`, the key from the request's headers."""
 
     async def check(
         service: ServiceDep,
         x_api_key: Annotated[str | None, Header()] = None,
         authorization: Annotated[str | None, Header()] = None,
     ) -> Role:
-        role = service.auth.role_for(presented_key(x_api_key, authorization))
-        if role is None:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "missing or unknown API key (send X-API-Key or Authorization: Bearer)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not allows(role, needed):
-            raise HTTPException(
-                status.HTTP_403_FORBIDDEN,
-                f"this key's role ({role.value}) cannot do this; needs {needed.value}",
-            )
-        return role
+        return authorize(service, x_api_key, authorization, needed)
 
     return check
 

@@ -119,12 +119,13 @@ class InspectRoute(APIRoute):
     """POST /v1/inspect, the line's hot path, with its endpoint's arguments read directly.
 
     FastAPI solves a route's dependencies anew on every request, examining each parameter
-    of each sub-dependency again: ~150 us of this route's ~1.7 ms of Python per image
-    (benchmarks/RESULTS.md, seventh measurement). This handler hands the endpoint the same
-    arguments from the same definitions (`authorize`, `InspectQuery`, `idempotency_key_of`),
-    in FastAPI's order: the key's 401/403 first, then every invalid parameter in one 422.
-    FastAPI still documents the endpoint from its signature; tests/serving/test_inspect_route.py
-    checks that FastAPI's own solving of that signature answers every request alike.
+    of each sub-dependency again: 292 us per request in-process, 14% of the service's CPU
+    per image at 16 clients (benchmarks/RESULTS.md, seventh measurement: +16% images/s).
+    This handler hands the endpoint the same arguments from the same definitions
+    (`authorize`, `InspectQuery`, `idempotency_key_of`), in FastAPI's order: the key's
+    401/403 first, then every invalid parameter in one 422. FastAPI still documents the
+    endpoint from its signature; tests/serving/test_inspect_route.py checks that FastAPI's
+    own solving of that signature answers every request alike.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:

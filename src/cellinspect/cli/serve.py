@@ -32,7 +32,7 @@ def serve(
         min=1,
         envvar="CELLINSPECT_WORKERS",
         help="Server processes, each listening on its own socket (SO_REUSEPORT); ORT and "
-        "decode threads are split between them (on 2 cores, 2 served 1.11-1.38x the "
+        "decode threads are split between them (on 2 cores, 2 served 1.09-1.40x the "
         "images/s of 1 at 16-64 clients: benchmarks/RESULTS.md).",
     ),
 ) -> None:

@@ -735,6 +735,7 @@ def _invalid_indexes(engine: Engine) -> set[str]:
 
 # Held by the one process upgrading a PostgreSQL table; the others wait for it (any bigint).
 _UPGRADE_LOCK = 0x63656C6C  # "cell"
+_UPGRADE_LOCK_POLL_S = 0.05
 
 
 def _add_missing(engine: Engine) -> None:
@@ -745,7 +746,12 @@ def _add_missing(engine: Engine) -> None:
                 conn.execute(text("SET statement_timeout = 0"))  # a large table takes minutes
                 # One upgrader at a time: a second worker must not take the first one's
                 # index, INVALID while it is being built, for an interrupted build.
-                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _UPGRADE_LOCK})
+                # Polled, not waited for inside pg_advisory_lock: a waiting statement holds a
+                # snapshot, and the holder's CREATE INDEX CONCURRENTLY waits for every older
+                # snapshot to end: a deadlock, which PostgreSQL breaks by failing a worker.
+                take = text("SELECT pg_try_advisory_lock(:key)")
+                while not conn.execute(take, {"key": _UPGRADE_LOCK}).scalar():
+                    time.sleep(_UPGRADE_LOCK_POLL_S)
                 invalid = _invalid_indexes(engine)
                 columns, indexes = _missing(engine, invalid)
                 _upgrade(conn, columns, indexes, rebuild=invalid)

@@ -35,7 +35,6 @@ from bench_serving import (  # noqa: E402
     publish_model,
     start_server,
     stop_server,
-    wait_listening,
     write_load,
     wrk,
 )
@@ -43,17 +42,20 @@ from bench_serving import (  # noqa: E402
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def stat_cpu_seconds(stat_path: str) -> float | None:
+    """User + system CPU in a /proc stat file (a process's or a thread's), None once gone."""
+    try:
+        stat = Path(stat_path).read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of `pid` and its descendants (uvicorn's workers) so far."""
-    total = 0
-    for child in _family(pid):
-        try:
-            stat = Path(f"/proc/{child}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / TICKS
+    seconds = (stat_cpu_seconds(f"/proc/{child}/stat") for child in _family(pid))
+    return sum(s for s in seconds if s is not None)
 
 
 def variant_env(assignments: list[str], patch: Path | None, tmp: Path) -> dict[str, str]:
@@ -115,10 +117,9 @@ def main() -> None:
                     None,
                     env=envs[name],
                     new_session=True,
+                    # start_server then waits until every worker listens
+                    workers=int(envs[name].get("CELLINSPECT_WORKERS", "1")),
                 )
-                workers = int(envs[name].get("CELLINSPECT_WORKERS", "1"))
-                if workers > 1:
-                    wait_listening(ports[name], workers)
             print(f"A: {args.a_env or '-'} {args.a_patch or ''}")
             print(f"B: {args.b_env or '-'} {args.b_patch or ''}")
             print(

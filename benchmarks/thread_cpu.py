@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ab_serving import variant_env  # noqa: E402
+from ab_serving import stat_cpu_seconds, variant_env  # noqa: E402
 from bench_serving import (  # noqa: E402
     _family,
     publish_model,
@@ -38,8 +38,6 @@ from bench_serving import (  # noqa: E402
     write_load,
     wrk,
 )
-
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu(root: int) -> dict[tuple[int, int], float]:
@@ -51,12 +49,8 @@ def thread_cpu(root: int) -> dict[tuple[int, int], float]:
         except OSError:
             continue
         for tid in tids:
-            try:
-                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            out[(pid, int(tid))] = (int(fields[11]) + int(fields[12])) / TICKS
+            if (seconds := stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")) is not None:
+                out[(pid, int(tid))] = seconds
     return out
 
 

@@ -89,12 +89,25 @@ class LoadedModel:
     """A model card and its ONNX Runtime session, checked against each other at load."""
 
     def __init__(
-        self, card: ModelCard, session: onnxruntime.InferenceSession, *, source: str = "model"
+        self,
+        card: ModelCard,
+        session: onnxruntime.InferenceSession,
+        *,
+        source: str = "model",
+        fixed_batch_size: int | None = None,
     ) -> None:
         _check_session(session, card, source)
+        if fixed_batch_size is not None:
+            _check_batch_size(fixed_batch_size)
         self.card = card
         self.session = session
         self.source = source
+        # Every session run at this one batch size (rows padded with zeros, outputs cut back):
+        # ONNX Runtime's CUDA provider re-plans its convolutions whenever the input shape
+        # changes, 0.1-1 s each time, so a micro-batcher's varying sizes would stall a GPU
+        # (benchmarks/RESULTS.md). None: run each batch at its own size (right on CPU, where
+        # padded rows cost their full compute).
+        self.fixed_batch_size = fixed_batch_size
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.card.name}@{self.card.version}, {self.session.get_providers()})"
@@ -135,8 +148,24 @@ class LoadedModel:
         """Whether the card promises (and load checked) a defect heatmap output."""
         return HEATMAP_NAME in self.card.output_names
 
+    def _session_run(self, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
+        """`session.run(names)` on `batch`, in runs of `fixed_batch_size` rows where one is set."""
+        fixed = self.fixed_batch_size
+        if fixed is None or len(batch) == fixed:
+            return self.session.run(names, {self.card.input_name: batch})
+        runs = []
+        for start in range(0, len(batch), fixed):
+            chunk = batch[start : start + fixed]
+            rows = len(chunk)
+            if rows < fixed:
+                padding = np.zeros((fixed - rows, *chunk.shape[1:]), chunk.dtype)
+                chunk = np.concatenate([chunk, padding])
+            outputs = self.session.run(names, {self.card.input_name: chunk})
+            runs.append([output[:rows] for output in outputs])
+        return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        (logits,) = self.session.run([LOGITS_NAME], {self.card.input_name: batch})
+        (logits,) = self._session_run([LOGITS_NAME], batch)
         return np.asarray(logits, dtype=np.float32)
 
     def run_with_heatmaps(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,8 +176,8 @@ class LoadedModel:
         """
         if not self.has_heatmap:
             raise ValueError(f"{self.source} has no {HEATMAP_NAME!r} output")
-        logits, heatmaps = self.session.run(
-            [LOGITS_NAME, HEATMAP_NAME], {self.card.input_name: np.asarray(batch, np.float32)}
+        logits, heatmaps = self._session_run(
+            [LOGITS_NAME, HEATMAP_NAME], np.asarray(batch, np.float32)
         )
         return np.asarray(logits, np.float32), np.asarray(heatmaps, np.float32)
 

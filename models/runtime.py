@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -73,6 +74,31 @@ def select_providers(requested: Sequence[str]) -> list[str]:
     return chosen
 
 
+_GPU_PROVIDERS = {Provider.CUDA.value, Provider.TENSORRT.value}
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that pip installed beside onnxruntime-gpu
+    (`onnxruntime-gpu[cuda,cudnn]`), so its CUDA provider finds them without LD_LIBRARY_PATH
+    and without torch imported first (serving never imports torch). ORT's own helper, present
+    in onnxruntime-gpu >= 1.21; libraries it does not find there are looked up as usual."""
+    import onnxruntime
+
+    preload = getattr(onnxruntime, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # a helper, not a requirement: the provider may still load
+        logger.warning("onnxruntime.preload_dlls() failed (%s); relying on the loader path", exc)
+
+
+def runs_on_gpu(session: onnxruntime.InferenceSession) -> bool:
+    """Whether the session's first (preferred) provider is a GPU one (CUDA or TensorRT)."""
+    return session.get_providers()[0] in _GPU_PROVIDERS
+
+
 def create_session(
     onnx_path: str | Path,
     *,
@@ -99,6 +125,8 @@ def create_session(
     if not onnx_path.is_file():
         raise ModelLoadError(f"cannot load {onnx_path}: no such file")
 
+    if _GPU_PROVIDERS.intersection(chosen):
+        _preload_cuda_libraries()
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = intra

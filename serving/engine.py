@@ -31,7 +31,7 @@ from cellinspect.datasets.decode import decode_image
 from cellinspect.datasets.preprocess import PreprocessSpec, preprocess
 from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, ModelCard
 from cellinspect.models.predict import LoadedModel
-from cellinspect.models.runtime import ModelLoadError, create_session
+from cellinspect.models.runtime import ModelLoadError, create_session, runs_on_gpu
 from cellinspect.models.store import (
     PRODUCTION,
     ModelNotFoundError,
@@ -302,8 +302,14 @@ class ModelRegistry:
             intra_op_threads=intra_op_threads or self.settings.ort_threads,
             spin=self.settings.ort_spin,
         )
-        # LoadedModel checks input/output names and shapes against the card.
-        loaded = LoadedModel(card, session, source=f"{card.name}@{card.version} ({onnx_path})")
+        # LoadedModel checks input/output names and shapes against the card. On a GPU every
+        # batch runs at the largest size (padded), the one shape the warm-up below prepares.
+        loaded = LoadedModel(
+            card,
+            session,
+            source=f"{card.name}@{card.version} ({onnx_path})",
+            fixed_batch_size=self.settings.max_batch_size if runs_on_gpu(session) else None,
+        )
         loaded.warmup(1)
         # Batches of the largest size the batcher sends, through the outputs it fetches:
         # allocates their buffers now, not on a request. The inputs are images of the kinds a

@@ -138,6 +138,11 @@ class ServedModel(BaseModel):
     input_shape: list[int]
     heatmap: bool = Field(description="whether the model can answer ?heatmap=")
     operating_point: dict[str, float | str | None]
+    providers: list[str] = Field(
+        description="ONNX Runtime execution providers this version runs on, preferred first; "
+        "CPUExecutionProvider last runs what the others cannot (a GPU box that lists only it "
+        "has fallen back to the CPU)"
+    )
 
 
 class ReloadRequest(BaseModel):

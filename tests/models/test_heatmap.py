@@ -86,6 +86,11 @@ def test_model_with_heatmap_returns_it_from_the_same_run(tmp_path, tiny) -> None
     probs, again = model.predict_with_heatmaps(images, batch_size=2)
     np.testing.assert_allclose(probs, model.probabilities(logits), rtol=1e-6)
     np.testing.assert_array_equal(again, heatmaps)
+    # Padded to a fixed batch size (as on a GPU), both outputs are cut back to the real rows.
+    fixed = LoadedModel(model.card, model.session, fixed_batch_size=4)
+    fixed_logits, fixed_heatmaps = fixed.run_with_heatmaps(preprocess_batch(images, tiny.spec))
+    np.testing.assert_allclose(fixed_logits, logits, rtol=1e-6)
+    np.testing.assert_array_equal(fixed_heatmaps, heatmaps)
 
 
 def test_model_without_heatmap_loads_and_says_so(onnx_model, card) -> None:

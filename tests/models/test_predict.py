@@ -162,3 +162,39 @@ def test_predict_files_reads_images(onnx_model, card, tiny, tmp_path):
     expected = model.predict([decode.read_image(p) for p in paths])
     np.testing.assert_allclose(model.predict_files(paths, batch_size=2), expected, rtol=1e-6)
     np.testing.assert_allclose(expected, _reference_probs(tiny, images), rtol=1e-5, atol=1e-6)
+
+
+class RecordingSession:
+    """An ORT session that records the batch size of every run (and can claim other providers)."""
+
+    def __init__(self, session, providers: list[str] | None = None) -> None:
+        self._session = session
+        self._providers = providers
+        self.batch_sizes: list[int] = []
+
+    def run(self, names, feeds):
+        self.batch_sizes.append(len(next(iter(feeds.values()))))
+        return self._session.run(names, feeds)
+
+    def get_providers(self) -> list[str]:
+        return self._providers or self._session.get_providers()
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+
+def test_fixed_batch_size_runs_every_batch_at_one_size(onnx_model, card, tiny):
+    plain = LoadedModel.from_files(onnx_model, card)
+    session = RecordingSession(plain.session)
+    fixed = LoadedModel(card, session, fixed_batch_size=4)  # type: ignore[arg-type]
+    batch = preprocess_batch(_images(9), tiny.spec)
+    for rows, chunk in ((1, 64), (3, 64), (4, 64), (9, 64), (9, 5)):
+        np.testing.assert_allclose(
+            fixed.predict_logits(batch[:rows], batch_size=chunk),
+            plain.predict_logits(batch[:rows], batch_size=chunk),
+            rtol=1e-6,
+        )
+    # 1, 3, 4: one run each; 9: three runs of 4 (4+4+1); 9 in chunks of 5: two runs each.
+    assert session.batch_sizes == [4] * 9
+    with pytest.raises(ValueError, match="at least 1"):
+        LoadedModel(card, plain.session, fixed_batch_size=0)

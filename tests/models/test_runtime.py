@@ -105,3 +105,35 @@ def test_truncated_onnx_is_a_model_load_error(onnx_model, tmp_path):
 def test_missing_onnx_is_a_model_load_error(tmp_path):
     with pytest.raises(ModelLoadError, match="no such file"):
         create_session(tmp_path / "nope.onnx")
+
+
+def test_cuda_libraries_are_preloaded_once_and_only_for_a_gpu_provider(
+    onnx_model, monkeypatch, caplog
+):
+    import onnxruntime
+
+    calls: list[int] = []
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: calls.append(1), raising=False)
+    monkeypatch.setattr(
+        runtime, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    runtime._preload_cuda_libraries.cache_clear()
+    try:
+        create_session(onnx_model)  # CPU only: nothing to preload
+        assert calls == []
+        for _ in range(2):
+            create_session(onnx_model, providers=["cuda"])
+        assert calls == [1]
+        # A helper that fails is logged, not fatal: the libraries may load from the usual path.
+        runtime._preload_cuda_libraries.cache_clear()
+
+        def fail() -> None:
+            raise RuntimeError("Invalid parameter of directory")
+
+        monkeypatch.setattr(onnxruntime, "preload_dlls", fail, raising=False)
+        with caplog.at_level(logging.WARNING, logger="cellinspect.models.runtime"):
+            session = create_session(onnx_model, providers=["cuda"])
+        assert "preload_dlls() failed (Invalid parameter" in caplog.text
+        session.run(None, {"image": np.zeros((1, 1, 8, 8), np.float32)})
+    finally:
+        runtime._preload_cuda_libraries.cache_clear()

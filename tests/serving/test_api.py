@@ -215,6 +215,7 @@ def test_reload_promote_and_refused_reload(client: TestClient, home) -> None:
     assert r.status_code == 200
     models = client.get("/v1/models", headers=auth("station")).json()
     assert models[0]["version"] == "2" and models[0]["classes"] == ["good", "crack", "scratch"]
+    assert models[0]["providers"] == ["CPUExecutionProvider"]
 
 
 def test_a_replaced_version_is_freed_without_the_cyclic_collector(client: TestClient) -> None:

@@ -197,6 +197,54 @@ def test_in_flight_requests_complete_during_reload(store: ModelStore) -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_on_a_gpu_every_batch_runs_at_the_largest_size(
+    store: ModelStore, monkeypatch: pytest.MonkeyPatch, gpu: bool
+) -> None:
+    """ORT's CUDA provider re-plans on every new input shape: the engine must never change it."""
+    import cellinspect.serving.engine as engine_module
+
+    sizes: list[int] = []
+    real = engine_module.create_session
+
+    class Session:  # the real CPU session, claiming CUDA when `gpu`
+        def __init__(self, session: object) -> None:
+            self._session = session
+
+        def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> object:
+            sizes.append(len(next(iter(feeds.values()))))
+            return self._session.run(names, feeds)  # type: ignore[attr-defined]
+
+        def get_providers(self) -> list[str]:
+            if gpu:
+                return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            return self._session.get_providers()  # type: ignore[attr-defined]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._session, name)
+
+    monkeypatch.setattr(engine_module, "create_session", lambda *a, **k: Session(real(*a, **k)))
+    reference = LoadedModel.load(store, "tiny@1", threads=1)
+    values = [0.1, 0.4, 0.7]
+    expected = [reference.predict_logits(tensor(v)[None]) for v in values]
+
+    async def scenario() -> None:
+        registry = ModelRegistry(store, settings_for(store, ["tiny"]))  # max_batch_size 4
+        await registry.load_all()
+        engine = registry.get(None)
+        assert engine.loaded.fixed_batch_size == (4 if gpu else None)
+        sizes.clear()
+        alone, _ = await engine.infer(tensor(values[0]), deadline())
+        together = await asyncio.gather(*(engine.infer(tensor(v), deadline()) for v in values))
+        answers = [alone, *(p for p, _ in together)]
+        for probs, logits in zip(answers, expected[:1] + expected, strict=True):
+            np.testing.assert_allclose(probs, reference.probabilities(logits)[0], rtol=1e-6)
+        await registry.close()
+
+    asyncio.run(scenario())
+    assert sizes and (set(sizes) == {4} if gpu else 4 not in sizes)
+
+
 def test_decode_and_infer_alone_or_concurrent_gives_the_same_answer(
     store: ModelStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

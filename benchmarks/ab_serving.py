@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_serving import (  # noqa: E402
     _family,
+    benchmark_model,
     publish_model,
     start_server,
     stop_server,
@@ -91,6 +93,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--size", type=int, default=224, help="model input side")
+    parser.add_argument(
+        "--model-home",
+        type=Path,
+        help="serve the benchmark model of this home (see bench_serving.py --home) instead "
+        "of exporting one (which needs torch)",
+    )
     parser.add_argument("--image-size", type=int, default=300, help="posted image side")
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -100,7 +108,11 @@ def main() -> None:
         homes = {"A": tmp / "a", "B": tmp / "b"}
         for home in homes.values():
             home.mkdir()
-            publish_model(home, args.size)
+            if args.model_home is None:
+                publish_model(home, args.size)
+            else:
+                benchmark_model(args.model_home, args.size)  # checks it is there, of that size
+                shutil.copytree(args.model_home / "store", home / "store")
         image, script = write_load(tmp, args.image_size)
         envs = {
             "A": variant_env(args.a_env, args.a_patch, tmp),

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,19 @@ def publish_model(home: Path, size: int) -> ModelCard:
     return ModelStore(home / "store").publish(onnx_path, card)
 
 
+def benchmark_model(home: Path, size: int) -> tuple[ModelCard, Path]:
+    """The benchmark model under `home`: the one an earlier run published there, else a new one."""
+    store = ModelStore(home / "store")
+    if not store.versions(MODEL):
+        publish_model(home, size)
+    card, onnx_path = store.load_verified(MODEL)
+    if card.preprocessing.height != size:
+        sys.exit(
+            f"{home}: its benchmark model takes {card.preprocessing.height}², not --size {size}"
+        )
+    return card, onnx_path
+
+
 def write_load(home: Path, image_size: int) -> tuple[Path, Path]:
     """The posted image (a synthetic scratch tile, gray PNG) and wrk's script, under `home`."""
     tile, _ = generate_electrode("scratch", np.random.default_rng(0), size=image_size)
@@ -116,9 +130,14 @@ def write_load(home: Path, image_size: int) -> tuple[Path, Path]:
 
 
 def in_process_limit(
-    card: ModelCard, path: Path, image: bytes, threads: int, seconds: float
+    card: ModelCard,
+    path: Path,
+    image: bytes,
+    threads: int,
+    seconds: float,
+    providers: Sequence[str] = ("cpu",),
 ) -> float:
-    session = create_session(path, intra_op_threads=threads)
+    session = create_session(path, providers=providers, intra_op_threads=threads)
     start, done = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         batch = preprocess_batch([decode_image(image) for _ in range(8)], card.preprocessing)
@@ -475,6 +494,19 @@ def main() -> None:
         default=None,
         help="ORT intra-op threads of cellinspect (default: its own, half the cores)",
     )
+    parser.add_argument(
+        "--providers",
+        default="cpu",
+        help="ONNX Runtime execution providers of the limit, naive and cellinspect, e.g. "
+        "cuda,cpu on a GPU box (CPU is always the last fallback)",
+    )
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="reuse the benchmark model published under this home by an earlier run "
+        "(default: export a fresh one into a temporary home, which needs torch)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
     parser.add_argument("--concurrency", default="1,4,16,64")
@@ -500,10 +532,13 @@ def main() -> None:
     if compare:  # a SIGTERM to this run still stops the servers (finally blocks run)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
     levels = [int(c) for c in args.concurrency.split(",")]
-    with tempfile.TemporaryDirectory(prefix="cellinspect-bench-") as tmp:
-        home = Path(tmp)
-        card = publish_model(home, args.size)
-        _, onnx_path = ModelStore(home / "store").load_verified(MODEL)
+    providers = args.providers.split(",")
+    provider_env = {"CELLINSPECT_PROVIDERS": args.providers, "BENCH_PROVIDERS": args.providers}
+    with contextlib.ExitStack() as stack:
+        home = args.home or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="cellinspect-bench-"))
+        )
+        card, onnx_path = benchmark_model(home, args.size)
         image_path, script = write_load(home, args.image_size)
         loads = {kind: write_comparison_load(kind, home, image_path) for kind in compare}
         served: dict[str, str] = {}
@@ -520,7 +555,7 @@ def main() -> None:
             # (the limit alone has read 651, 568 and 404 img/s on three runs of one day).
             limits.append(
                 in_process_limit(
-                    card, onnx_path, image_path.read_bytes(), args.threads, args.duration
+                    card, onnx_path, image_path.read_bytes(), args.threads, args.duration, providers
                 )
             )
             servers = [("naive", "/infer", 1)] + [
@@ -528,7 +563,7 @@ def main() -> None:
             ]
             for kind, route, n in servers:
                 threads = args.threads if kind == "naive" else args.service_threads
-                proc = start_server(kind, home, 8700 + round_, threads, workers=n)
+                proc = start_server(kind, home, 8700 + round_, threads, workers=n, env=provider_env)
                 label = kind if n == 1 else f"{kind} --workers {n}"
                 try:
                     measure(label, f"http://127.0.0.1:{8700 + round_}{route}", script, image_path)
@@ -550,7 +585,8 @@ def main() -> None:
     print(
         f"\nmobilenet_v3_small {args.size}², {args.image_size}² gray PNG, ORT {args.threads} threads "
         f"(limit, naive, comparisons), cellinspect ORT threads: "
-        f"{args.service_threads or 'its default'}, {os.cpu_count()} CPUs, "
+        f"{args.service_threads or 'its default'}, providers {args.providers}, "
+        f"{os.cpu_count()} CPUs, "
         f"median of {args.rounds} rounds x {args.duration:g} s\n"
     )
     print(

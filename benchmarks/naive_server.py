@@ -22,6 +22,7 @@ def create_app() -> FastAPI:
     card, path = ModelStore(Home.resolve().store).load_verified(os.environ["BENCH_MODEL"])
     session = create_session(
         path,
+        providers=os.environ.get("BENCH_PROVIDERS", "cpu").split(","),
         intra_op_threads=int(os.environ.get("BENCH_THREADS", "2")),
         spin=os.environ.get("BENCH_SPIN", "0") == "1",  # same ORT settings as the service
     )

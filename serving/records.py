@@ -271,6 +271,15 @@ _STOP = object()  # sentinel: the writer drains everything queued before it, the
 _Outcome = tuple[asyncio.Future[InspectionRecord | None], InspectionRecord | None]
 
 
+def _gather(batch: list[_Queued], item: object) -> None:
+    """Add a queued item to `batch`: a shadow result, or the records of one loop turn."""
+    if isinstance(item, list):
+        batch.extend(item)
+    else:
+        assert isinstance(item, ShadowResult)
+        batch.append(item)
+
+
 def _settle(outcomes: list[_Outcome], error: BaseException | None) -> None:
     # Runs on the requests' loop; a request may have been cancelled meanwhile.
     for future, stored in outcomes:
@@ -326,8 +335,11 @@ class RecordStore:
         self.engine = _create_engine(url)
         self.backend = self.engine.dialect.name
         self._insert = _insert_statement(self.backend)
-        self._queue: queue.SimpleQueue[_Queued | object] = queue.SimpleQueue()
+        # Items: lists of records (one loop turn's, see `add`), shadow results, _STOP.
+        self._queue: queue.SimpleQueue[list[_Pending] | ShadowResult | object] = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders "closed" against enqueueing
+        # Records added in the current turn of each event loop, not yet queued (see `add`).
+        self._outbox: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         self._closed = False
         self._writer: threading.Thread | None = None
         self._create_schema(startup_wait_s)
@@ -368,6 +380,7 @@ class RecordStore:
 
     async def close(self) -> None:
         """Commit everything already accepted, stop the writer, release connections."""
+        self._hand_over(asyncio.get_running_loop())  # this turn's records are accepted too
         # The drain may wait on a commit; keep the event loop free meanwhile.
         await asyncio.to_thread(self.close_sync)
 
@@ -391,7 +404,7 @@ class RecordStore:
 
     @property
     def pending(self) -> int:
-        """Records and shadow results queued for the writer (approximate)."""
+        """Items queued for the writer: shadow results and loop turns of records (approximate)."""
         return self._queue.qsize()
 
     # -- writes ----------------------------------------------------------------------------
@@ -410,7 +423,14 @@ class RecordStore:
         with self._lock:
             if self._closed:
                 raise RecordStoreUnavailable("record store is closed")
-            self._queue.put(_Pending(record, future, loop))
+            # Handed to the writer at the end of this turn of the event loop, together with
+            # the records other requests add in the same turn: an inference batch wakes all
+            # its requests in one turn, so its records become one commit group, rather than
+            # the writer committing the first alone while the others are still being built.
+            waiting = self._outbox.setdefault(loop, [])
+            waiting.append(_Pending(record, future, loop))
+            if len(waiting) == 1:
+                loop.call_soon(self._hand_over, loop)
         try:
             # Last line of defence against a writer stuck on a frozen server: the request
             # gets an answer. The record may still land later (at-least-once on retry).
@@ -421,6 +441,18 @@ class RecordStore:
             raise RecordStoreUnavailable(
                 f"inspection record not committed within {self.commit_timeout_s:g} s"
             ) from None
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Queue the records `add` gathered in one turn of `loop` for the writer."""
+        with self._lock:
+            waiting = self._outbox.pop(loop, [])
+            if not self._closed:
+                if waiting:  # one item: the writer takes the whole turn's records at once
+                    self._queue.put(waiting)
+                return
+        _settle(
+            [(p.future, None) for p in waiting], RecordStoreUnavailable("record store is closed")
+        )
 
     def add_shadow_result(self, result: ShadowResult) -> bool:
         """Queue a shadow result for the writer; False (nothing queued) when the store is closed
@@ -478,8 +510,8 @@ class RecordStore:
             return [], False
         if first is _STOP:
             return [], True
-        assert isinstance(first, _Pending | ShadowResult)
-        batch: list[_Queued] = [first]
+        batch: list[_Queued] = []
+        _gather(batch, first)
         deadline = time.monotonic() + self.commit_wait_s
         while len(batch) < self.max_group:
             remaining = deadline - time.monotonic()
@@ -493,8 +525,7 @@ class RecordStore:
                 break
             if item is _STOP:
                 return batch, True
-            assert isinstance(item, _Pending | ShadowResult)
-            batch.append(item)
+            _gather(batch, item)
         return batch, False
 
     def _commit(self, batch: list[_Queued]) -> None:

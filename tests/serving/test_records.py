@@ -384,3 +384,28 @@ def test_table_lacking_a_required_column_is_refused(url: str) -> None:
     setup.dispose()
     with pytest.raises(RuntimeError, match="lacks required column.*created"):
         RecordStore(url)
+
+
+def test_records_added_in_one_turn_of_the_loop_commit_as_one_group(
+    store: RecordStore, commits: list[int]
+) -> None:
+    """An inference batch wakes its requests in one turn of the event loop: their records
+    reach the writer together, not the first alone while the others are being built."""
+
+    async def main() -> list[Any]:
+        together = await asyncio.gather(*(store.add(make_record(i)) for i in range(6)))
+        return [*together, await store.add(make_record(6))]  # alone in its turn
+
+    assert asyncio.run(main()) == [None] * 7
+    assert commits == [6, 1]
+
+
+def test_close_commits_the_records_of_its_own_turn(store: RecordStore, commits: list[int]) -> None:
+    async def main() -> Any:
+        adding = asyncio.create_task(store.add(make_record(1)))
+        await asyncio.sleep(0)  # add() has run: its record waits for the end of the turn
+        await store.close()
+        return await adding
+
+    assert asyncio.run(main()) is None
+    assert commits == [1]

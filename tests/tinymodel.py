@@ -9,6 +9,7 @@ With `heatmap=True` a third output, heatmap [N,8,8], is the input's own brightne
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -92,3 +93,23 @@ def make_card(name: str = "tiny", **overrides: object) -> ModelCard:
     }
     fields.update(overrides)
     return ModelCard.model_validate(fields)
+
+
+class RecordingSession:
+    """An ORT session that records the batch size of every run, and can claim other
+    providers (a CPU session standing in for a CUDA one)."""
+
+    def __init__(self, session: Any, providers: list[str] | None = None) -> None:
+        self._session = session
+        self._providers = providers
+        self.batch_sizes: list[int] = []
+
+    def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        self.batch_sizes.append(len(next(iter(feeds.values()))))
+        return self._session.run(names, feeds)
+
+    def get_providers(self) -> list[str]:
+        return self._providers or self._session.get_providers()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)

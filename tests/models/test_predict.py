@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tinymodel import RecordingSession
 
 from cellinspect.datasets.preprocess import preprocess_batch
 from cellinspect.models.card import OperatingPoint, Verdict
@@ -162,25 +163,6 @@ def test_predict_files_reads_images(onnx_model, card, tiny, tmp_path):
     expected = model.predict([decode.read_image(p) for p in paths])
     np.testing.assert_allclose(model.predict_files(paths, batch_size=2), expected, rtol=1e-6)
     np.testing.assert_allclose(expected, _reference_probs(tiny, images), rtol=1e-5, atol=1e-6)
-
-
-class RecordingSession:
-    """An ORT session that records the batch size of every run (and can claim other providers)."""
-
-    def __init__(self, session, providers: list[str] | None = None) -> None:
-        self._session = session
-        self._providers = providers
-        self.batch_sizes: list[int] = []
-
-    def run(self, names, feeds):
-        self.batch_sizes.append(len(next(iter(feeds.values()))))
-        return self._session.run(names, feeds)
-
-    def get_providers(self) -> list[str]:
-        return self._providers or self._session.get_providers()
-
-    def __getattr__(self, name: str):
-        return getattr(self._session, name)
 
 
 def test_fixed_batch_size_runs_every_batch_at_one_size(onnx_model, card, tiny):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tinymodel import SPEC, WEIGHTS, build_classifier, make_card
+from tinymodel import SPEC, WEIGHTS, RecordingSession, build_classifier, make_card
 
 from cellinspect.datasets.decode import encode_png
 from cellinspect.datasets.errors import ImageDecodeError, TruncatedImageError
@@ -204,26 +204,15 @@ def test_on_a_gpu_every_batch_runs_at_the_largest_size(
     """ORT's CUDA provider re-plans on every new input shape: the engine must never change it."""
     import cellinspect.serving.engine as engine_module
 
-    sizes: list[int] = []
+    sessions: list[RecordingSession] = []
     real = engine_module.create_session
+    claimed = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else None
 
-    class Session:  # the real CPU session, claiming CUDA when `gpu`
-        def __init__(self, session: object) -> None:
-            self._session = session
+    def create(*args: object, **kwargs: object) -> RecordingSession:
+        sessions.append(RecordingSession(real(*args, **kwargs), claimed))
+        return sessions[-1]
 
-        def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> object:
-            sizes.append(len(next(iter(feeds.values()))))
-            return self._session.run(names, feeds)  # type: ignore[attr-defined]
-
-        def get_providers(self) -> list[str]:
-            if gpu:
-                return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            return self._session.get_providers()  # type: ignore[attr-defined]
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self._session, name)
-
-    monkeypatch.setattr(engine_module, "create_session", lambda *a, **k: Session(real(*a, **k)))
+    monkeypatch.setattr(engine_module, "create_session", create)
     reference = LoadedModel.load(store, "tiny@1", threads=1)
     values = [0.1, 0.4, 0.7]
     expected = [reference.predict_logits(tensor(v)[None]) for v in values]
@@ -233,7 +222,7 @@ def test_on_a_gpu_every_batch_runs_at_the_largest_size(
         await registry.load_all()
         engine = registry.get(None)
         assert engine.loaded.fixed_batch_size == (4 if gpu else None)
-        sizes.clear()
+        sessions[0].batch_sizes.clear()  # the warm-up's
         alone, _ = await engine.infer(tensor(values[0]), deadline())
         together = await asyncio.gather(*(engine.infer(tensor(v), deadline()) for v in values))
         answers = [alone, *(p for p, _ in together)]
@@ -242,6 +231,7 @@ def test_on_a_gpu_every_batch_runs_at_the_largest_size(
         await registry.close()
 
     asyncio.run(scenario())
+    sizes = sessions[0].batch_sizes
     assert sizes and (set(sizes) == {4} if gpu else 4 not in sizes)
 
 

@@ -106,12 +106,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ab-serving-") as tmp_name:
         tmp = Path(tmp_name)
         homes = {"A": tmp / "a", "B": tmp / "b"}
+        if args.model_home is not None:
+            benchmark_model(args.model_home, args.size)  # checks it is there, of that size
         for home in homes.values():
             home.mkdir()
             if args.model_home is None:
                 publish_model(home, args.size)
             else:
-                benchmark_model(args.model_home, args.size)  # checks it is there, of that size
                 shutil.copytree(args.model_home / "store", home / "store")
         image, script = write_load(tmp, args.image_size)
         envs = {

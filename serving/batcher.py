@@ -36,6 +36,7 @@ _MIN_RETRY_AFTER_S = 0.05
 
 RowT = TypeVar("RowT")  # what `run` gives per item: an array row, or a tuple of them
 ExtraT = TypeVar("ExtraT")  # what `run_alone`'s preparation hands back beside the tensor
+DoneT = TypeVar("DoneT")  # what `run_alone`'s follow-up step (`then`) hands back
 
 
 class Overloaded(Exception):
@@ -218,8 +219,12 @@ class MicroBatcher(Generic[RowT]):
             ) from None
 
     async def run_alone(
-        self, prepare: Callable[[], tuple[np.ndarray, ExtraT]], *, deadline: float
-    ) -> tuple[RowT, BatchTiming, ExtraT] | None:
+        self,
+        prepare: Callable[[], tuple[np.ndarray, ExtraT]],
+        *,
+        deadline: float,
+        then: Callable[[RowT, BatchTiming, ExtraT], DoneT] | None = None,
+    ) -> tuple[RowT, BatchTiming, ExtraT, DoneT | None] | None:
         """`prepare()` and then the run of its tensor, in ONE worker-thread hop, if no batch
         is running or queued; None (nothing done) otherwise, and the caller submits as usual.
 
@@ -228,6 +233,10 @@ class MicroBatcher(Generic[RowT]):
         pays two round trips where this pays one. While it runs it holds the worker like a
         batch does, so requests arriving meanwhile queue and form the next batch. Whatever
         `prepare` raises propagates unchanged; an expired deadline raises DeadlineExceeded.
+
+        `then(row, timing, extra)`, when given, runs in the same hop right after the run if
+        nothing is queued by then (queued items need the worker); its result comes back as
+        the fourth element, None where it did not run. What it raises propagates.
         """
         if self._task is None or self._closing or self._queue or self._slots.locked():
             return None
@@ -235,7 +244,7 @@ class MicroBatcher(Generic[RowT]):
         if deadline <= loop.time():
             raise self._expired("deadline already passed at submit")
         await self._slots.acquire()  # free (checked above), so this does not suspend
-        task = loop.create_task(self._execute_alone(prepare))
+        task = loop.create_task(self._execute_alone(prepare, then))
         self._in_flight.add(task)
         task.add_done_callback(self._batch_done)
         try:
@@ -246,22 +255,28 @@ class MicroBatcher(Generic[RowT]):
             raise self._expired("no result within the deadline") from None
 
     def _prepare_and_run(
-        self, prepare: Callable[[], tuple[np.ndarray, ExtraT]]
-    ) -> tuple[RowT, ExtraT, float]:
+        self,
+        prepare: Callable[[], tuple[np.ndarray, ExtraT]],
+        then: Callable[[RowT, BatchTiming, ExtraT], DoneT] | None,
+    ) -> tuple[RowT, BatchTiming, ExtraT, DoneT | None]:
         x, extra = prepare()
         t0 = time.perf_counter()
         row = self._run_batch([x])[0]
-        return row, extra, time.perf_counter() - t0
+        timing = BatchTiming(0.0, 1000 * (time.perf_counter() - t0), 1)
+        # Read across threads: a stale answer only moves `then` to the caller's side.
+        done = then(row, timing, extra) if then is not None and not self._queue else None
+        return row, timing, extra, done
 
     async def _execute_alone(
-        self, prepare: Callable[[], tuple[np.ndarray, ExtraT]]
-    ) -> tuple[RowT, BatchTiming, ExtraT]:
-        loop = asyncio.get_running_loop()
-        row, extra, elapsed = await loop.run_in_executor(
-            self._executor, self._prepare_and_run, prepare
+        self,
+        prepare: Callable[[], tuple[np.ndarray, ExtraT]],
+        then: Callable[[RowT, BatchTiming, ExtraT], DoneT] | None,
+    ) -> tuple[RowT, BatchTiming, ExtraT, DoneT | None]:
+        outcome = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._prepare_and_run, prepare, then
         )
-        self._record_batch(elapsed, 1)
-        return row, BatchTiming(0.0, 1000 * elapsed, 1), extra
+        self._record_batch(outcome[1].infer_ms / 1000, 1)
+        return outcome
 
     def _record_batch(self, elapsed: float, size: int) -> None:
         self._batch_s = (

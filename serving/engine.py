@@ -158,11 +158,16 @@ class ModelEngine:
         max_pixels: int,
         keep_image: bool,
         deadline: float,
-    ) -> tuple[DecodedImage, np.ndarray, np.ndarray | None, BatchTiming]:
-        """Encoded image -> (decoded image, probabilities, heatmap or None, timing).
+        then: Callable[[DecodedImage, np.ndarray, np.ndarray | None, BatchTiming], _T]
+        | None = None,
+    ) -> tuple[DecodedImage, np.ndarray, np.ndarray | None, BatchTiming, _T | None]:
+        """Encoded image -> (decoded image, probabilities, heatmap or None, timing, then's).
 
         Decoded on `decoder` and then batched; but when the decode pool and this engine's
-        worker are both idle (a lone request), decoded and run in one worker hop instead.
+        worker are both idle (a lone request), decoded and run in one worker hop instead,
+        and `then(decoded, probabilities, heatmap, timing)` runs in that hop too, unless
+        other requests queued meanwhile. Its result is the last element; None where it did
+        not run, and then the caller does that step itself.
         """
         spec = self.card.preprocessing
         if decoder.idle:
@@ -172,13 +177,23 @@ class ModelEngine:
                 self._check_tensor(decoded.tensor)
                 return decoded.tensor, decoded
 
-            alone = await self.batcher.run_alone(prepare, deadline=deadline)
+            def follow(
+                row: InferenceRow, timing: BatchTiming, decoded: DecodedImage
+            ) -> tuple[np.ndarray, _T]:
+                assert then is not None
+                probs = self.loaded.probabilities(row[0][None])[0]
+                return probs, then(decoded, probs, row[1], timing)
+
+            alone = await self.batcher.run_alone(
+                prepare, deadline=deadline, then=None if then is None else follow
+            )
             if alone is not None:
-                (logits, heatmap), timing, decoded = alone
-                return decoded, self.loaded.probabilities(logits[None])[0], heatmap, timing
+                (logits, heatmap), timing, decoded, followed = alone
+                probs, done = followed or (self.loaded.probabilities(logits[None])[0], None)
+                return decoded, probs, heatmap, timing, done
         decoded = await decoder.decode(data, spec, max_pixels=max_pixels, keep_image=keep_image)
         probs, heatmap, timing = await self.infer_with_heatmap(decoded.tensor, deadline)
-        return decoded, probs, heatmap, timing
+        return decoded, probs, heatmap, timing, None
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[ModelEngine]:

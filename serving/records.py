@@ -338,6 +338,8 @@ class RecordStore:
         # Items: lists of records (one loop turn's, see `add`), shadow results, _STOP.
         self._queue: queue.SimpleQueue[list[_Pending] | ShadowResult | object] = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders "closed" against enqueueing
+        # Held by whoever writes records: the writer thread, or a caller of `try_commit`.
+        self._commit_lock = threading.Lock()
         # Records added in the current turn of each event loop, not yet queued (see `add`).
         self._outbox: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         self._closed = False
@@ -454,6 +456,35 @@ class RecordStore:
             [(p.future, None) for p in waiting], RecordStoreUnavailable("record store is closed")
         )
 
+    def try_commit(self, record: InspectionRecord) -> tuple[bool, InspectionRecord | None]:
+        """Commit `record` in the calling thread, now, if the writer is idle.
+
+        For a lone request on a worker thread that is free anyway: it saves the round trip
+        to the writer thread and back to the event loop (two thread hand-offs, 0.2-0.4 ms
+        each on a small VM). (False, None): nothing done (the writer is busy or the store
+        closed), use `add`. (True, stored): committed, with `add`'s meaning of `stored`.
+        RecordStoreUnavailable when the database refuses it. Never call it on an event
+        loop's thread: a commit waits for the disk (or the network).
+        """
+        if self._closed or not self._commit_lock.acquire(blocking=False):
+            return False, None
+        try:
+            started = time.perf_counter()
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(self._insert, [_row_values(record)])
+                    replays = _keyed_elsewhere(conn, [record])
+            except Exception as exc:
+                error = _unavailable(exc)
+                logger.error("records: 1 record not committed: %s", error)
+                raise error from exc
+        finally:
+            self._commit_lock.release()
+        stored = replays.get(record.id)
+        if stored is None:
+            self._report(1, time.perf_counter() - started)
+        return True, stored
+
     def add_shadow_result(self, result: ShadowResult) -> bool:
         """Queue a shadow result for the writer; False (nothing queued) when the store is closed
         or the writer is behind (a full commit group already waiting): never blocks or raises.
@@ -529,6 +560,10 @@ class RecordStore:
         return batch, False
 
     def _commit(self, batch: list[_Queued]) -> None:
+        with self._commit_lock:
+            self._commit_locked(batch)
+
+    def _commit_locked(self, batch: list[_Queued]) -> None:
         started = time.perf_counter()
         records = [item for item in batch if isinstance(item, _Pending)]
         results = [item for item in batch if isinstance(item, ShadowResult)]
@@ -550,7 +585,7 @@ class RecordStore:
                     "records: batch of %d failed (%s); retrying one by one", len(batch), exc
                 )
                 for item in batch:
-                    self._commit([item])
+                    self._commit_locked([item])
                 return
             error = _unavailable(exc)
             logger.error(

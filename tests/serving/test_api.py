@@ -82,6 +82,40 @@ def test_an_image_archived_already_is_not_written_again(
     assert paths[0] is not None and paths[0] == paths[1]
 
 
+def test_a_lone_request_is_archived_and_recorded_on_the_worker_that_ran_it(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing else in flight, the batcher's worker decodes, runs, archives and commits
+    in one hop: no round trip through the record writer's thread."""
+    import threading
+
+    from cellinspect.serving.archive import ImageArchive
+    from cellinspect.serving.records import RecordStore
+
+    calls: list[tuple[str, str, object]] = []
+    real_save, real_commit = ImageArchive.save, RecordStore.try_commit
+
+    def save(self: ImageArchive, data: bytes, **kwargs: object) -> str | None:
+        calls.append(("save", threading.current_thread().name, None))
+        return real_save(self, data, **kwargs)  # type: ignore[arg-type]
+
+    def try_commit(self: RecordStore, record: object) -> object:
+        outcome = real_commit(self, record)  # type: ignore[arg-type]
+        calls.append(("commit", threading.current_thread().name, outcome))
+        return outcome
+
+    monkeypatch.setattr(ImageArchive, "save", save)
+    monkeypatch.setattr(RecordStore, "try_commit", try_commit)
+    body = inspect(client, png(255), cell_id="C-lone").json()
+    assert body["verdict"] == "scrap"
+    assert [(what, thread.split("_")[0], outcome) for what, thread, outcome in calls] == [
+        ("save", "batcher-tiny@1", None),
+        ("commit", "batcher-tiny@1", (True, None)),
+    ]
+    stored = client.get(f"/v1/inspections/{body['inspection_id']}", headers=auth("operator"))
+    assert stored.json()["cell_id"] == "C-lone" and stored.json()["archive_path"]
+
+
 def test_pass_image_is_not_archived_when_sampling_is_off(client: TestClient) -> None:
     body = inspect(client, png(0)).json()
     r = client.get(f"/v1/inspections/{body['inspection_id']}/image", headers=auth("operator"))

@@ -12,6 +12,7 @@ import pytest
 
 from cellinspect.serving.batcher import (
     BatcherClosed,
+    BatchTiming,
     DeadlineExceeded,
     MicroBatcher,
     Overloaded,
@@ -271,13 +272,21 @@ def test_run_alone_prepares_and_runs_in_one_worker_hop_when_idle() -> None:
             threads.append(threading.current_thread().name)
             return item(3), "extra"
 
-        row, timing, extra = await batcher.run_alone(prepare, deadline=deadline())
-        await batcher.stop()
-        assert float(row[0]) == 12.0 and extra == "extra"
+        def then(row: np.ndarray, timing: BatchTiming, extra: str) -> tuple[float, str, str]:
+            threads.append(threading.current_thread().name)
+            return float(row[0]), extra, f"{timing.batch_size}"
+
+        row, timing, extra, done = await batcher.run_alone(prepare, deadline=deadline())
+        assert float(row[0]) == 12.0 and extra == "extra" and done is None
         assert (timing.queue_ms, timing.batch_size) == (0.0, 1) and timing.infer_ms >= 0
-        # The preparation ran on the batcher's own worker, not on the loop or another pool.
-        assert threads[0].startswith("batcher-") and run.batches == [[3.0]]
-        assert (batcher.batches_run, batcher.items_run) == (1, 1)
+        # The follow-up step sees the row, and runs in the same hop, after the run.
+        *_, done = await batcher.run_alone(prepare, deadline=deadline(), then=then)
+        await batcher.stop()
+        assert done == (12.0, "extra", "1")
+        # Preparation and follow-up ran on the batcher's own worker, not on the loop.
+        assert len(threads) == 3 and all(t.startswith("batcher-") for t in threads)
+        assert run.batches == [[3.0], [3.0]]
+        assert (batcher.batches_run, batcher.items_run) == (2, 2)
 
     asyncio.run(scenario())
 
@@ -301,15 +310,22 @@ def test_run_alone_declines_while_a_batch_runs_and_the_next_batch_waits_for_it()
 
         # A lone run holds the worker: a submit arriving meanwhile waits and runs after it.
         gate.clear()
-        alone = asyncio.ensure_future(batcher.run_alone(lambda: (item(4), 0), deadline=deadline()))
+        followed: list[int] = []
+        alone = asyncio.ensure_future(
+            batcher.run_alone(
+                lambda: (item(4), 0), deadline=deadline(), then=lambda *_: followed.append(1)
+            )
+        )
         await wait_until(lambda: batcher.batches_in_flight == 1)
         queued = asyncio.ensure_future(batcher.submit(item(5), deadline=deadline()))
         await asyncio.sleep(0.02)
         assert not queued.done() and batcher.queue_depth == 1
         gate.set()
-        await asyncio.gather(alone, queued)
+        (row, _, _, done), _ = await asyncio.gather(alone, queued)
         await batcher.stop()
         assert run.batches == [[1.0], [4.0], [5.0]]
+        # The queued item needed the worker: the follow-up step was left to the caller.
+        assert float(row[0]) == 16.0 and done is None and followed == []
 
     asyncio.run(scenario())
 

@@ -17,7 +17,7 @@ from cellinspect.datasets.errors import ImageDecodeError, TruncatedImageError
 from cellinspect.datasets.preprocess import preprocess
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.store import MODEL_FILE, ModelNotFoundError, ModelStore
-from cellinspect.serving.engine import DecodePool, ModelRegistry, ModelReloadError
+from cellinspect.serving.engine import DecodedImage, DecodePool, ModelRegistry, ModelReloadError
 from cellinspect.serving.settings import Settings
 
 
@@ -256,20 +256,35 @@ def test_decode_and_infer_alone_or_concurrent_gives_the_same_answer(
 
         monkeypatch.setattr(pool, "decode", spy)
         options = {"max_pixels": 10_000, "keep_image": False}
-        # Alone: decoded on the batcher's worker, the decode pool is not used.
-        decoded, probs, heatmap, timing = await engine.decode_and_infer(
-            pool, data, deadline=deadline(), **options
+        seen: list[tuple[str, np.ndarray]] = []
+
+        def then(decoded: DecodedImage, probs: np.ndarray, heat: object, timing: object) -> str:
+            seen.append((threading.current_thread().name, probs))
+            return decoded.sha256
+
+        # Alone: decoded on the batcher's worker, the decode pool is not used, and the
+        # follow-up step runs there too, on the same probabilities.
+        decoded, probs, heatmap, timing, done = await engine.decode_and_infer(
+            pool, data, deadline=deadline(), then=then, **options
         )
         assert pooled == [] and decoded.image is None and heatmap is None
+        assert done == decoded.sha256 and seen[0][0].startswith("batcher-")
+        np.testing.assert_array_equal(seen[0][1], probs)
         assert timing.queue_ms == 0.0 and timing.batch_size == 1
         np.testing.assert_allclose(probs, reference, rtol=1e-6, atol=1e-7)
         assert decoded.sha256 == hashlib.sha256(data).hexdigest()
         # Together: all but the first go through the pool and the batcher, same answers.
+        seen.clear()
         many = await asyncio.gather(
-            *(engine.decode_and_infer(pool, data, deadline=deadline(), **options) for _ in range(8))
+            *(
+                engine.decode_and_infer(pool, data, deadline=deadline(), then=then, **options)
+                for _ in range(8)
+            )
         )
         assert len(pooled) >= 7
-        for _, p, _, _ in many:
+        # Batched requests come back without the follow-up step: their callers do it.
+        assert sum(done is not None for *_, done in many) == len(seen) <= 1
+        for _, p, _, _, _ in many:
             np.testing.assert_allclose(p, reference, rtol=1e-6, atol=1e-7)
         with pytest.raises(TruncatedImageError):  # decode errors come back unchanged
             await engine.decode_and_infer(pool, data[:40], deadline=deadline(), **options)

@@ -409,3 +409,52 @@ def test_close_commits_the_records_of_its_own_turn(store: RecordStore, commits: 
 
     assert asyncio.run(main()) is None
     assert commits == [1]
+
+
+def test_try_commit_writes_in_the_calling_thread_when_the_writer_is_idle(
+    store: RecordStore, commits: list[int]
+) -> None:
+    first = make_record(1, idempotency_key="st-1:cell-1:a")
+    assert store.try_commit(first) == (True, None)
+    assert store.get(first.id) == first and commits == [1]
+    # The key is taken: like add, the stored record comes back and nothing is written.
+    again = make_record(2, idempotency_key=first.idempotency_key)
+    assert store.try_commit(again) == (True, first)
+    assert store.get(again.id) is None and store.count() == 1 and commits == [1]
+
+
+def test_try_commit_declines_while_the_writer_commits_and_add_takes_over(url: str) -> None:
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_commit(_size: int, _seconds: float) -> None:  # runs inside the writer's commit
+        inside.set()
+        release.wait(10)
+
+    store = RecordStore(url, on_commit=slow_commit)
+
+    async def main() -> tuple[Any, ...]:
+        adding = asyncio.create_task(store.add(make_record(1)))
+        assert await asyncio.to_thread(inside.wait, 10)
+        declined = store.try_commit(make_record(2))
+        release.set()
+        return declined, await adding
+
+    assert asyncio.run(main()) == ((False, None), None)
+    assert store.try_commit(make_record(3)) == (True, None)  # idle again
+    store.close_sync()
+    assert store.try_commit(make_record(4)) == (False, None)  # closed: add says why
+    with pytest.raises(RecordStoreUnavailable, match="closed"):
+        asyncio.run(store.add(make_record(4)))
+    reopened = RecordStore(url)
+    assert reopened.count() == 2
+    reopened.close_sync()
+
+
+def test_try_commit_failure_raises_and_the_store_keeps_working(store: RecordStore) -> None:
+    failing = FailInserts(store)
+    with pytest.raises(RecordStoreUnavailable, match="disk I/O error"):
+        store.try_commit(make_record(1))
+    failing.on = False
+    assert store.try_commit(make_record(2)) == (True, None)
+    assert asyncio.run(store.add(make_record(3))) is None
+    assert store.count() == 2

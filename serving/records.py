@@ -2,7 +2,9 @@
 
 Writes go through a group-commit writer thread: concurrent requests queue their rows, the
 writer inserts everything pending in one transaction, and every waiter is released after
-the single commit (one fsync for many verdicts). Shadow results (a candidate model's answer
+the single commit (one fsync for many verdicts). A thread with nothing else to do (the
+inference worker after a lone request) may instead commit one record itself while the
+writer is idle (`try_commit`): no hand-off to the writer and back. Shadow results (a candidate model's answer
 on an already recorded inspection) ride the same queue as updates: nobody waits for them,
 the writer holds them for the next commit of records (up to `SHADOW_FLUSH_S`, so they cost
 no commit of their own while inspections flow), and they are refused when the writer is

@@ -411,9 +411,7 @@ def test_close_commits_the_records_of_its_own_turn(store: RecordStore, commits: 
     assert commits == [1]
 
 
-def test_try_commit_writes_in_the_calling_thread_when_the_writer_is_idle(
-    store: RecordStore, commits: list[int]
-) -> None:
+def check_try_commit_writes_in_the_calling_thread(store: RecordStore, commits: list[int]) -> None:
     first = make_record(1, idempotency_key="st-1:cell-1:a")
     assert store.try_commit(first) == (True, None)
     assert store.get(first.id) == first and commits == [1]
@@ -421,6 +419,12 @@ def test_try_commit_writes_in_the_calling_thread_when_the_writer_is_idle(
     again = make_record(2, idempotency_key=first.idempotency_key)
     assert store.try_commit(again) == (True, first)
     assert store.get(again.id) is None and store.count() == 1 and commits == [1]
+
+
+def test_try_commit_writes_in_the_calling_thread_when_the_writer_is_idle(
+    store: RecordStore, commits: list[int]
+) -> None:
+    check_try_commit_writes_in_the_calling_thread(store, commits)
 
 
 def test_try_commit_declines_while_the_writer_commits_and_add_takes_over(url: str) -> None:

@@ -34,6 +34,7 @@ from .test_records import (
     T0,
     check_duplicate_key_in_a_group_keeps_the_others,
     check_old_database_upgrades_in_place,
+    check_try_commit_writes_in_the_calling_thread,
     make_record,
 )
 
@@ -239,6 +240,12 @@ def statements_run() -> Iterator[list[str]]:
         yield seen
     finally:
         event.remove(Engine, "before_cursor_execute", record)
+
+
+def test_try_commit_writes_in_the_calling_thread_when_the_writer_is_idle(
+    store: RecordStore, commits: list[int]
+) -> None:
+    check_try_commit_writes_in_the_calling_thread(store, commits)
 
 
 def test_old_database_upgrades_in_place_and_keeps_its_rows() -> None:

@@ -47,7 +47,6 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     select,
     text,
     update,
@@ -56,10 +55,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.schema import Column, CreateIndex
 from sqlalchemy.types import TypeDecorator
 
 from cellinspect.models.card import Verdict
+from cellinspect.serving.schema_upgrade import upgrade_schema
 from cellinspect.serving.schemas import Timings
 
 if TYPE_CHECKING:
@@ -142,7 +141,7 @@ class InspectionRow(Base):
     shadow_model_version: Mapped[str | None] = mapped_column(String(64))
     shadow_label: Mapped[str | None] = mapped_column(String(128))
     shadow_verdict: Mapped[str | None] = mapped_column(String(8))
-    # Added after the first release: nullable, so `_upgrade_schema` can add them in place.
+    # Added after the first release: nullable, so `upgrade_schema` can add them in place.
     defect_probability: Mapped[float | None] = mapped_column(Float)
     # The client's Idempotency-Key: one record per key, found again by this unique index.
     idempotency_key: Mapped[str | None] = mapped_column(String(128), unique=True, index=True)
@@ -355,7 +354,7 @@ class RecordStore:
         while True:
             try:
                 Base.metadata.create_all(self.engine)
-                _upgrade_schema(self.engine)
+                upgrade_schema(self.engine, _TABLE)
                 return
             except SQLAlchemyError as exc:
                 error = _unavailable(exc)
@@ -755,117 +754,6 @@ def open_existing(url: str) -> RecordStore:
         if not path.is_file():
             raise FileNotFoundError(f"no records database at {path}")
     return RecordStore(url)
-
-
-def _upgrade_schema(engine: Engine) -> None:
-    """Bring an `inspections` table made by an earlier version up to date in place: add the
-    columns and indexes it lacks. Additive only (every column added since the first release
-    is nullable: old rows read NULL), so it is safe on a live database and runs at each start."""
-    try:
-        _add_missing(engine)
-    except SQLAlchemyError:
-        # A second worker starting beside this one may have added them first: fine if done.
-        if any(_missing(engine)):
-            raise
-
-
-def _missing(
-    engine: Engine, invalid: set[str] | None = None
-) -> tuple[list[Column[Any]], list[Index]]:
-    """The table's columns and indexes that the database lacks (or has only half built:
-    `invalid`, looked up when not given)."""
-    table = _TABLE
-    found = inspect(engine)
-    columns = {c["name"] for c in found.get_columns(table.name)}
-    if invalid is None:
-        invalid = _invalid_indexes(engine)
-    indexes = {i["name"] for i in found.get_indexes(table.name)} - invalid
-    return (
-        [c for c in table.columns if c.name not in columns],
-        [i for i in table.indexes if i.name not in indexes],
-    )
-
-
-def _invalid_indexes(engine: Engine) -> set[str]:
-    """PostgreSQL: the table's indexes left INVALID by an interrupted concurrent build."""
-    if engine.dialect.name != "postgresql":
-        return set()
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                "WHERE i.indrelid = to_regclass(:table) AND NOT i.indisvalid"
-            ),
-            {"table": _TABLE.name},
-        )
-        return {row[0] for row in rows}
-
-
-# Held by the one process upgrading a PostgreSQL table; the others wait for it (any bigint).
-_UPGRADE_LOCK = 0x63656C6C  # "cell"
-_UPGRADE_LOCK_POLL_S = 0.05
-
-
-def _add_missing(engine: Engine) -> None:
-    if engine.dialect.name == "postgresql":
-        # AUTOCOMMIT: CREATE INDEX CONCURRENTLY cannot run inside a transaction.
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            try:
-                conn.execute(text("SET statement_timeout = 0"))  # a large table takes minutes
-                # One upgrader at a time: a second worker must not take the first one's
-                # index, INVALID while it is being built, for an interrupted build.
-                # Polled, not waited for inside pg_advisory_lock: a waiting statement holds a
-                # snapshot, and the holder's CREATE INDEX CONCURRENTLY waits for every older
-                # snapshot to end: a deadlock, which PostgreSQL breaks by failing a worker.
-                take = text("SELECT pg_try_advisory_lock(:key)")
-                while not conn.execute(take, {"key": _UPGRADE_LOCK}).scalar():
-                    time.sleep(_UPGRADE_LOCK_POLL_S)
-                invalid = _invalid_indexes(engine)
-                columns, indexes = _missing(engine, invalid)
-                _upgrade(conn, columns, indexes, rebuild=invalid)
-            finally:
-                # Closed, not pooled: ending the session drops the lock and the timeout.
-                conn.invalidate()
-        return
-    columns, indexes = _missing(engine)
-    if columns or indexes:
-        with engine.begin() as conn:
-            _upgrade(conn, columns, indexes, rebuild=None)
-
-
-def _upgrade(
-    conn: Connection,
-    columns: list[Column[Any]],
-    indexes: list[Index],
-    *,
-    rebuild: set[str] | None,
-) -> None:
-    """Add `columns` and build `indexes`; `rebuild` (PostgreSQL only, else None) names the
-    half-built ones to drop first, and its presence means: build concurrently."""
-    required = [c.name for c in columns if not c.nullable]
-    if required:
-        raise RuntimeError(
-            f"the records table lacks required column(s) {', '.join(required)}; "
-            "it cannot be upgraded in place"
-        )
-    table = _TABLE
-    quote = conn.dialect.identifier_preparer.quote
-    for column in columns:
-        logger.warning("records: upgrading table %s: adding column %s", table.name, column.name)
-        kind = column.type.compile(dialect=conn.dialect)
-        conn.execute(
-            text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
-        )
-    for index in indexes:
-        logger.warning("records: upgrading table %s: adding index %s", table.name, index.name)
-        create = str(CreateIndex(index, if_not_exists=True).compile(dialect=conn.dialect))
-        if rebuild is not None:
-            # PostgreSQL: other writers (another worker, another station's service) go on
-            # while a large table is indexed; a plain CREATE INDEX would block them all.
-            if index.name in rebuild:  # an interrupted build left it INVALID: start again
-                conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(str(index.name))}"))
-            create = create.replace(" INDEX ", " INDEX CONCURRENTLY ", 1)
-        conn.execute(text(create))
 
 
 def _create_engine(url: str) -> Engine:

@@ -258,11 +258,13 @@ class MicroBatcher(Generic[RowT]):
         self,
         prepare: Callable[[], tuple[np.ndarray, ExtraT]],
         then: Callable[[RowT, BatchTiming, ExtraT], DoneT] | None,
+        ran: list[BatchTiming],
     ) -> tuple[RowT, BatchTiming, ExtraT, DoneT | None]:
         x, extra = prepare()
         t0 = time.perf_counter()
         row = self._run_batch([x])[0]
         timing = BatchTiming(0.0, 1000 * (time.perf_counter() - t0), 1)
+        ran.append(timing)  # counted by the loop even if `then` fails after the run
         # Read across threads: a stale answer only moves `then` to the caller's side.
         done = then(row, timing, extra) if then is not None and not self._queue else None
         return row, timing, extra, done
@@ -272,11 +274,14 @@ class MicroBatcher(Generic[RowT]):
         prepare: Callable[[], tuple[np.ndarray, ExtraT]],
         then: Callable[[RowT, BatchTiming, ExtraT], DoneT] | None,
     ) -> tuple[RowT, BatchTiming, ExtraT, DoneT | None]:
-        outcome = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._prepare_and_run, prepare, then
-        )
-        self._record_batch(outcome[1].infer_ms / 1000, 1)
-        return outcome
+        ran: list[BatchTiming] = []
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._prepare_and_run, prepare, then, ran
+            )
+        finally:
+            if ran:
+                self._record_batch(ran[0].infer_ms / 1000, 1)
 
     def _record_batch(self, elapsed: float, size: int) -> None:
         self._batch_s = (

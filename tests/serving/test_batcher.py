@@ -341,13 +341,23 @@ def test_run_alone_propagates_preparation_errors_and_frees_the_worker() -> None:
 
         with pytest.raises(ValueError, match="not an image"):
             await batcher.run_alone(bad, deadline=deadline())
+        assert batcher.batches_run == 0  # nothing ran
+
+        def fails_after_the_run(*_: object) -> None:
+            raise RuntimeError("record store down")
+
+        with pytest.raises(RuntimeError, match="record store down"):
+            await batcher.run_alone(
+                lambda: (item(3), None), deadline=deadline(), then=fails_after_the_run
+            )
+        assert (batcher.batches_run, batcher.items_run) == (1, 1)  # the run itself counts
         row, _ = await batcher.submit(item(2), deadline=deadline())
         assert float(row[0]) == 8.0
         await wait_until(lambda: batcher.batches_in_flight == 0)
         with pytest.raises(DeadlineExceeded):
             await batcher.run_alone(lambda: (item(1), None), deadline=deadline(-1))
         await batcher.stop()
-        assert run.batches == [[2.0]]
+        assert run.batches == [[3.0], [2.0]]
 
     asyncio.run(scenario())
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -66,6 +67,29 @@ class BatchTiming:
     queue_ms: float  # from submit to the batch being handed to the worker
     infer_ms: float  # the batch's run in the worker (stacking included), shared by its items
     batch_size: int  # items in that batch
+
+
+@dataclass(eq=False)
+class _LoneRun:
+    """Who a lone run's follow-up step (`then`) belongs to, decided once under a lock: the
+    caller gives up only before the step starts, and the step starts only if it has not."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    abandoned: bool = False
+    following: bool = False
+    busy_s: float | None = None  # set by the worker once the model has run
+
+    def start_following(self) -> bool:
+        """Worker: True (and then the caller waits for the step) unless the caller left."""
+        with self.lock:
+            self.following = not self.abandoned
+            return self.following
+
+    def abandon(self) -> bool:
+        """Caller: True (and the step never starts) unless it has already started."""
+        with self.lock:
+            self.abandoned = not self.following
+            return self.abandoned
 
 
 @dataclass(eq=False)
@@ -235,8 +259,11 @@ class MicroBatcher(Generic[RowT]):
         `prepare` raises propagates unchanged; an expired deadline raises DeadlineExceeded.
 
         `then(row, timing, extra)`, when given, runs in the same hop right after the run if
-        nothing is queued by then (queued items need the worker); its result comes back as
-        the fourth element, None where it did not run. What it raises propagates.
+        nothing is queued by then (queued items need the worker) and the caller still waits;
+        its result comes back as the fourth element, None where it did not run. What it
+        raises propagates. Once it has started it is not abandoned: past the deadline the
+        caller waits for it (it may be committing the record its answer must match), so
+        `then` must bound its own time.
         """
         if self._task is None or self._closing or self._queue or self._slots.locked():
             return None
@@ -244,7 +271,8 @@ class MicroBatcher(Generic[RowT]):
         if deadline <= loop.time():
             raise self._expired("deadline already passed at submit")
         await self._slots.acquire()  # free (checked above), so this does not suspend
-        task = loop.create_task(self._execute_alone(prepare, then))
+        lone = _LoneRun()
+        task = loop.create_task(self._execute_alone(prepare, then, lone))
         self._in_flight.add(task)
         task.add_done_callback(self._batch_done)
         try:
@@ -252,36 +280,54 @@ class MicroBatcher(Generic[RowT]):
             async with asyncio.timeout_at(deadline):
                 return await asyncio.shield(task)
         except TimeoutError:
-            raise self._expired("no result within the deadline") from None
+            if lone.abandon():
+                raise self._expired("no result within the deadline") from None
+            return await asyncio.shield(task)  # `then` has started: its outcome is the answer
+        except asyncio.CancelledError:
+            if not lone.abandon():  # `then` goes on without a caller: say if it fails
+                task.add_done_callback(self._log_unawaited_failure)
+            raise
 
     def _prepare_and_run(
         self,
         prepare: Callable[[], tuple[np.ndarray, ExtraT]],
         then: Callable[[RowT, BatchTiming, ExtraT], DoneT] | None,
-        ran: list[BatchTiming],
+        lone: _LoneRun,
     ) -> tuple[RowT, BatchTiming, ExtraT, DoneT | None]:
         x, extra = prepare()
         t0 = time.perf_counter()
         row = self._run_batch([x])[0]
         timing = BatchTiming(0.0, 1000 * (time.perf_counter() - t0), 1)
-        ran.append(timing)  # counted by the loop even if `then` fails after the run
-        # Read across threads: a stale answer only moves `then` to the caller's side.
-        done = then(row, timing, extra) if then is not None and not self._queue else None
+        done = None
+        try:
+            # The queue is read across threads: a stale answer only leaves `then` to the caller.
+            if then is not None and not self._queue and lone.start_following():
+                done = then(row, timing, extra)
+        finally:
+            lone.busy_s = time.perf_counter() - t0  # the worker's time, `then` included
         return row, timing, extra, done
 
     async def _execute_alone(
         self,
         prepare: Callable[[], tuple[np.ndarray, ExtraT]],
         then: Callable[[RowT, BatchTiming, ExtraT], DoneT] | None,
+        lone: _LoneRun,
     ) -> tuple[RowT, BatchTiming, ExtraT, DoneT | None]:
-        ran: list[BatchTiming] = []
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._prepare_and_run, prepare, then, ran
+                self._executor, self._prepare_and_run, prepare, then, lone
             )
         finally:
-            if ran:
-                self._record_batch(ran[0].infer_ms / 1000, 1)
+            if lone.busy_s is not None:  # the run happened, even if `then` failed after it
+                self._record_batch(lone.busy_s, 1)
+
+    def _log_unawaited_failure(self, task: asyncio.Task[object]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error(
+                "batcher %r: a lone run's follow-up failed after its caller left: %s",
+                self.name,
+                exc,
+            )
 
     def _record_batch(self, elapsed: float, size: int) -> None:
         self._batch_s = (

@@ -22,7 +22,14 @@ from cellinspect.serving.heatmaps import encode_heatmap
 from cellinspect.serving.idempotency import find_replay, replayed_answer
 from cellinspect.serving.policy import Decision, decide
 from cellinspect.serving.records import InspectionRecord
-from cellinspect.serving.schemas import HeatmapFormat, InspectResponse, ModelInfo, Timings
+from cellinspect.serving.schemas import (
+    GridHeatmap,
+    HeatmapFormat,
+    InspectResponse,
+    ModelInfo,
+    PngHeatmap,
+    Timings,
+)
 from cellinspect.serving.service import Service
 
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/bmp": "bmp", "image/tiff": "tif"}
@@ -91,13 +98,19 @@ class _Request:
     origin: Origin
     started: float
     idempotency_key: str | None
+    heatmap: HeatmapFormat | None
+
+    def encode_heatmap(self, heat: np.ndarray | None) -> PngHeatmap | GridHeatmap | None:
+        return None if self.heatmap is None or heat is None else encode_heatmap(heat, self.heatmap)
 
 
 @dataclass(frozen=True)
 class _Concluded:
-    """An inspection's decision and record; `stored` as RecordStore.add returns it."""
+    """An inspection's decision, heatmap answer and record; `stored` as RecordStore.add
+    returns it. Everything that can fail is done before the record is committed."""
 
     decision: Decision
+    heatmap: PngHeatmap | GridHeatmap | None
     record: InspectionRecord
     committed: bool
     stored: InspectionRecord | None = None
@@ -156,7 +169,7 @@ def _conclude_alone(
     engine: ModelEngine,
     decoded: DecodedImage,
     probs: np.ndarray,
-    _heatmap: np.ndarray | None,
+    heat: np.ndarray | None,
     timing: BatchTiming,
 ) -> _Concluded:
     """Decision, archive and record of a lone request, on the worker thread that ran it
@@ -164,6 +177,7 @@ def _conclude_alone(
     which saves the round trip to the writer thread."""
     service = request.service
     decision = _decide(request, engine, probs)
+    heatmap = request.encode_heatmap(heat)
     created = datetime.now(UTC)
     archived = None
     if service.archive.should_archive(decision.verdict):
@@ -179,7 +193,7 @@ def _conclude_alone(
         request, engine, decoded, timing, probs, decision, created=created, archived=archived
     )
     committed, stored = service.records.try_commit(record)
-    return _Concluded(decision, record, committed, stored)
+    return _Concluded(decision, heatmap, record, committed, stored)
 
 
 async def inspect_image(
@@ -204,7 +218,7 @@ async def inspect_image(
         if replay is not None:
             return replay
     settings = service.settings
-    request = _Request(service, data, origin, started, idempotency_key)
+    request = _Request(service, data, origin, started, idempotency_key, heatmap)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.deadline_ms / 1000.0 - (time.perf_counter() - started)
     # A lease keeps this version alive across a concurrent hot reload.
@@ -219,6 +233,7 @@ async def inspect_image(
         )
     if concluded is None:  # batched with others: decided here, archived on a thread
         decision = _decide(request, engine, probs)
+        heatmap_answer = request.encode_heatmap(heat)
         created = datetime.now(UTC)
         archived = await archive_if_needed(
             service,
@@ -231,13 +246,12 @@ async def inspect_image(
         record = _record(
             request, engine, decoded, timing, probs, decision, created=created, archived=archived
         )
-        concluded = _Concluded(decision, record, committed=False)
+        concluded = _Concluded(decision, heatmap_answer, record, committed=False)
     decision, record, stored = concluded.decision, concluded.record, concluded.stored
     if not concluded.committed:
         stored = await service.records.add(record)  # durable before the answer leaves
     if stored is not None:  # a request with the same key was recorded first: answer that
         return replayed_answer(stored, image_sha256=decoded.sha256, origin=origin)
-    heatmap_answer = None if heatmap is None or heat is None else encode_heatmap(heat, heatmap)
     timings = record.timings.model_copy(
         update={"total_ms": (time.perf_counter() - started) * 1000.0}
     )
@@ -260,5 +274,5 @@ async def inspect_image(
         line_id=origin.line_id,
         station_id=origin.station_id,
         cell_id=origin.cell_id,
-        heatmap=heatmap_answer,
+        heatmap=concluded.heatmap,
     )

@@ -74,6 +74,11 @@ STARTUP_RETRY_S = 1.0  # between attempts to reach the database at start-up
 # Longest a shadow result waits for a commit of records to ride along in before it is
 # committed alone (read when a store is created).
 SHADOW_FLUSH_S = 1.0
+# A commit slower than this (or failing), by the writer or by `try_commit`, sends every
+# record through the writer thread for TRY_COMMIT_PAUSE_S: a database in trouble must stall
+# the writer, not the inference worker that `try_commit` would hold (a normal one: < 1 ms).
+TRY_COMMIT_SLOW_S = 0.1
+TRY_COMMIT_PAUSE_S = 30.0
 
 
 class RecordStoreUnavailable(RuntimeError):
@@ -341,6 +346,7 @@ class RecordStore:
         self._lock = threading.Lock()  # orders "closed" against enqueueing
         # Held by whoever writes records: the writer thread, or a caller of `try_commit`.
         self._commit_lock = threading.Lock()
+        self._try_commit_from = 0.0  # time.monotonic() from which try_commit may commit
         # Records added in the current turn of each event loop, not yet queued (see `add`).
         self._outbox: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         self._closed = False
@@ -397,7 +403,8 @@ class RecordStore:
             self._queue.put(_STOP)
         if writer is not None:
             writer.join()
-        self.engine.dispose()
+        with self._commit_lock:  # a try_commit in progress ends first
+            self.engine.dispose()
 
     def __enter__(self) -> RecordStore:
         return self
@@ -467,24 +474,36 @@ class RecordStore:
         RecordStoreUnavailable when the database refuses it. Never call it on an event
         loop's thread: a commit waits for the disk (or the network).
         """
-        if self._closed or not self._commit_lock.acquire(blocking=False):
+        if time.monotonic() < self._try_commit_from:
+            return False, None
+        if not self._commit_lock.acquire(blocking=False):
             return False, None
         try:
+            if self._closed:  # checked under the lock: close() disposes of the engine under it
+                return False, None
             started = time.perf_counter()
             try:
                 with self.engine.begin() as conn:
                     conn.execute(self._insert, [_row_values(record)])
                     replays = _keyed_elsewhere(conn, [record])
             except Exception as exc:
+                self._timed(None)
                 error = _unavailable(exc)
                 logger.error("records: 1 record not committed: %s", error)
                 raise error from exc
+            seconds = self._timed(time.perf_counter() - started)
         finally:
             self._commit_lock.release()
         stored = replays.get(record.id)
         if stored is None:
-            self._report(1, time.perf_counter() - started)
+            self._report(1, seconds)
         return True, stored
+
+    def _timed(self, seconds: float | None) -> float:
+        """Note a commit's time (None: it failed); a slow or failed one pauses try_commit."""
+        if seconds is None or seconds > TRY_COMMIT_SLOW_S:
+            self._try_commit_from = time.monotonic() + TRY_COMMIT_PAUSE_S
+        return seconds or 0.0
 
     def add_shadow_result(self, result: ShadowResult) -> bool:
         """Queue a shadow result for the writer; False (nothing queued) when the store is closed
@@ -588,6 +607,7 @@ class RecordStore:
                 for item in batch:
                     self._commit_locked([item])
                 return
+            self._timed(None)
             error = _unavailable(exc)
             logger.error(
                 "records: %d record(s) and %d shadow result(s) not committed: %s",
@@ -597,8 +617,9 @@ class RecordStore:
             )
             self._release(records, error)
             return
+        seconds = self._timed(time.perf_counter() - started)
         if written := len(records) - len(replays):
-            self._report(written, time.perf_counter() - started)
+            self._report(written, seconds)
         self._release(records, None, replays)
 
     def _report(self, size: int, seconds: float) -> None:

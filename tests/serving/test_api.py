@@ -116,6 +116,32 @@ def test_a_lone_request_is_archived_and_recorded_on_the_worker_that_ran_it(
     assert stored.json()["cell_id"] == "C-lone" and stored.json()["archive_path"]
 
 
+def test_a_lone_request_falls_back_to_the_writer_and_survives_a_failed_worker_commit(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cellinspect.serving.records import RecordStore, RecordStoreUnavailable
+
+    # The writer is busy (try_commit declines): the record goes through add, as before.
+    monkeypatch.setattr(RecordStore, "try_commit", lambda _self, _record: (False, None))
+    body = inspect(client, png(0), cell_id="C-declined").json()
+    stored = client.get(f"/v1/inspections/{body['inspection_id']}", headers=auth("operator"))
+    assert stored.status_code == 200 and stored.json()["cell_id"] == "C-declined"
+
+    # The database refuses the worker's commit: a 503 that says so, nothing recorded, and
+    # the next request is served (the worker and the batcher are free again).
+    def refuse(_self: RecordStore, _record: object) -> None:
+        raise RecordStoreUnavailable("inspection records database unavailable (disk I/O error)")
+
+    monkeypatch.setattr(RecordStore, "try_commit", refuse)
+    failed = inspect(client, png(0), cell_id="C-refused")
+    assert failed.status_code == 503 and failed.json()["code"] == "records_unavailable"
+    assert "Retry-After" in failed.headers
+    monkeypatch.undo()
+    assert inspect(client, png(0), cell_id="C-after").status_code == 200
+    listed = client.get("/v1/inspections", headers=auth("operator")).json()["items"]
+    assert sorted(r["cell_id"] for r in listed) == ["C-after", "C-declined"]
+
+
 def test_pass_image_is_not_archived_when_sampling_is_off(client: TestClient) -> None:
     body = inspect(client, png(0)).json()
     r = client.get(f"/v1/inspections/{body['inspection_id']}/image", headers=auth("operator"))

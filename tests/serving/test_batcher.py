@@ -362,6 +362,41 @@ def test_run_alone_propagates_preparation_errors_and_frees_the_worker() -> None:
     asyncio.run(scenario())
 
 
+def test_a_lone_runs_follow_up_is_skipped_past_the_deadline_but_never_cut_short() -> None:
+    """The follow-up step (committing the record an answer must match) either never starts,
+    when the caller has given up, or is waited for past the deadline once it has started."""
+
+    async def scenario() -> None:
+        gate = threading.Event()
+        batcher = make(Recorder(gate=gate))
+        await batcher.start()
+        followed: list[float] = []
+
+        def then(row: np.ndarray, *_: object) -> float:
+            followed.append(float(row[0]))
+            time.sleep(0.15)  # still going when the deadline passes
+            return float(row[0])
+
+        # Deadline passes while the model runs: DeadlineExceeded, and `then` never starts.
+        late = asyncio.ensure_future(
+            batcher.run_alone(lambda: (item(1), None), deadline=deadline(0.05), then=then)
+        )
+        with pytest.raises(DeadlineExceeded):
+            await late
+        gate.set()
+        await wait_until(lambda: batcher.batches_in_flight == 0)
+        assert followed == [] and batcher.items_run == 1
+
+        # Deadline passes while `then` runs: the caller gets its outcome, not a 503.
+        row, _, _, done = await batcher.run_alone(
+            lambda: (item(2), None), deadline=deadline(0.05), then=then
+        )
+        assert float(row[0]) == 8.0 and done == 8.0 and followed == [8.0]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def test_stop_waits_for_a_lone_run_whose_caller_gave_up() -> None:
     async def scenario() -> None:
         gate = threading.Event()

@@ -129,6 +129,28 @@ def test_requests_racing_past_the_lookup_still_record_once(
     assert_concurrent_requests_record_once(client, 6)
 
 
+def test_a_lone_retry_past_the_lookup_replays_from_the_workers_commit(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sequential requests take the worker's commit (try_commit): a key the lookup missed
+    is still caught there, and the stored answer comes back."""
+    first = inspect(client, png(255))
+    monkeypatch.setattr(RecordStore, "get_by_idempotency_key", lambda _self, _key: None)
+    committed: list[object] = []
+    real = RecordStore.try_commit
+
+    def spy(self: RecordStore, record: object) -> object:
+        committed.append(outcome := real(self, record))  # type: ignore[arg-type]
+        return outcome
+
+    monkeypatch.setattr(RecordStore, "try_commit", spy)
+    again = inspect(client, png(255))
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["inspection_id"] == first.json()["inspection_id"]
+    assert len(committed) == 1 and committed[0][0] is True  # type: ignore[index]
+    assert len(records_of(client)) == 1
+
+
 def test_openapi_documents_the_key_and_the_replay_header(client: TestClient) -> None:
     route = client.get("/openapi.json").json()["paths"]["/v1/inspect"]["post"]
     [header] = [p for p in route["parameters"] if p["name"] == "Idempotency-Key"]

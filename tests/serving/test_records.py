@@ -14,6 +14,7 @@ from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.exc import OperationalError
 
 from cellinspect.models.card import Verdict
+from cellinspect.serving import records
 from cellinspect.serving.records import (
     Base,
     InspectionQuery,
@@ -454,11 +455,27 @@ def test_try_commit_declines_while_the_writer_commits_and_add_takes_over(url: st
     reopened.close_sync()
 
 
-def test_try_commit_failure_raises_and_the_store_keeps_working(store: RecordStore) -> None:
+def test_a_failed_or_slow_commit_pauses_try_commit_for_a_while(
+    store: RecordStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database in trouble must hold up the writer thread, not the inference worker:
+    after a failed or slow commit, try_commit declines (records go through add) until
+    TRY_COMMIT_PAUSE_S has passed."""
+    monkeypatch.setattr(records, "TRY_COMMIT_PAUSE_S", 0.3)
     failing = FailInserts(store)
     with pytest.raises(RecordStoreUnavailable, match="disk I/O error"):
         store.try_commit(make_record(1))
     failing.on = False
-    assert store.try_commit(make_record(2)) == (True, None)
-    assert asyncio.run(store.add(make_record(3))) is None
-    assert store.count() == 2
+    assert store.try_commit(make_record(2)) == (False, None)  # paused: nothing written
+    assert asyncio.run(store.add(make_record(3))) is None  # the writer still commits
+    time.sleep(0.35)
+    assert store.try_commit(make_record(4)) == (True, None)
+    # The writer's commits count too: a slow one pauses try_commit as well.
+    monkeypatch.setattr(records, "TRY_COMMIT_SLOW_S", 0.0)
+    assert asyncio.run(store.add(make_record(5))) is None
+    assert store.try_commit(make_record(6)) == (False, None)
+    assert sorted(r.cell_id for r in store.query(InspectionQuery())[0]) == [
+        "cell-00003",
+        "cell-00004",
+        "cell-00005",
+    ]

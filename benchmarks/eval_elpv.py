@@ -95,8 +95,8 @@ def main() -> None:
         print(f"  {name}: {value:.4f} ({accuracy - value:+.4f})")
     # The card's own no-review threshold: the trade-off curve's first point, chosen on the
     # validation split for the fewest errors there (cost ratio 1), never on this split.
-    if card.trade_off:
-        threshold = card.trade_off[0].scrap_threshold
+    if card.calibration is not None and card.calibration.trade_off:
+        threshold = card.calibration.trade_off[0].scrap_threshold
         tuned = float(accuracy_score(truth, defect_p >= threshold))
         print(f"binary accuracy at the validation-chosen threshold {threshold:.4f}: {tuned:.4f}")
 

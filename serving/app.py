@@ -33,7 +33,7 @@ def _build_service(settings: Settings) -> Service:
     store = ModelStore(settings.store_path)
     records = RecordStore(
         settings.database,
-        on_commit=lambda n, _s: metrics.record_group.observe(n),
+        on_commit=metrics.observe_commit,
         startup_wait_s=settings.records_startup_wait_s,
     )
     registry = ModelRegistry(store, settings)

@@ -10,7 +10,8 @@ A batch closes when it holds `max_batch_size` items or `max_delay_s` after its f
 item was queued. With `dispatch_when_idle` (the default) an idle worker does not wait
 out `max_delay_s`: a lone request runs at once, which is what keeps the latency at
 concurrency 1 at that of a plain `session.run`. `run_alone` goes one step further for a
-lone request: its preparation (decoding) and its run share one hand-off to the worker.
+lone request: its preparation (decoding), its run and a follow-up step (the service commits
+the request's record there) share one hand-off to the worker.
 See `MicroBatcher` for the contract.
 """
 

@@ -2,6 +2,9 @@
 (-> a shadow run of the model's candidate, in the background, when configured).
 
 Shared by the single, batch and Open Inference Protocol routes, so every path records alike.
+A lone request goes from decode to committed record on the inference worker in one hop
+(`_conclude_alone`); requests batched with others are decided, archived and recorded from
+the event loop, their records committed in groups by the records writer.
 """
 
 from __future__ import annotations

@@ -89,6 +89,15 @@ class ServiceMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.record_commits = Counter(
+            "cellinspect_record_commits",
+            "Commits of inspection records, by the thread that made them: the inference "
+            "worker of a lone request (path=worker) or the records writer (path=writer). "
+            "None by the worker while requests are alone: the database has been slow or "
+            "failing in the last 30 s",
+            ["path"],
+            registry=r,
+        )
         # Shadow mode: the candidate's answers beside the served model's (model = served name).
         self.shadow_runs = Counter(
             "cellinspect_shadow_runs",
@@ -151,6 +160,11 @@ class ServiceMetrics:
         """Drop this worker's live gauges from the shared directory (several workers only)."""
         if self.multiprocess:
             prometheus_multiprocess.mark_process_dead(os.getpid())
+
+    def observe_commit(self, size: int, _seconds: float, path: str) -> None:
+        """RecordStore's on_commit: one commit of `size` records made on `path`."""
+        self.record_group.observe(size)
+        self.record_commits.labels(path).inc()
 
     def observe_timings(
         self, decode_ms: float, queue_ms: float, infer_ms: float, total_ms: float

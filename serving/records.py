@@ -325,7 +325,7 @@ class RecordStore:
         *,
         max_group: int = 256,
         commit_wait_ms: float = 0.0,
-        on_commit: Callable[[int, float], None] | None = None,
+        on_commit: Callable[[int, float, str], None] | None = None,
         commit_timeout_s: float = 10.0,
         startup_wait_s: float = 0.0,
     ) -> None:
@@ -496,7 +496,7 @@ class RecordStore:
             self._commit_lock.release()
         stored = replays.get(record.id)
         if stored is None:
-            self._report(1, seconds)
+            self._report(1, seconds, "worker")
         return True, stored
 
     def _timed(self, seconds: float | None) -> float:
@@ -619,14 +619,16 @@ class RecordStore:
             return
         seconds = self._timed(time.perf_counter() - started)
         if written := len(records) - len(replays):
-            self._report(written, seconds)
+            self._report(written, seconds, "writer")
         self._release(records, None, replays)
 
-    def _report(self, size: int, seconds: float) -> None:
+    def _report(self, size: int, seconds: float, path: str) -> None:
+        """`on_commit(records, seconds, path)`: path "writer" (the writer thread's group
+        commit) or "worker" (`try_commit`, by the inference worker of a lone request)."""
         if self.on_commit is None:
             return
         try:
-            self.on_commit(size, seconds)
+            self.on_commit(size, seconds, path)
         except Exception:  # a metrics bug must not stop records
             logger.exception("records: on_commit callback failed")
 

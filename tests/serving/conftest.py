@@ -40,5 +40,5 @@ def commits() -> list[int]:
 
 @pytest.fixture
 def store(url: str, commits: list[int]) -> Iterator[RecordStore]:
-    with RecordStore(url, on_commit=lambda n, _s: commits.append(n)) as s:
+    with RecordStore(url, on_commit=lambda n, _s, _path: commits.append(n)) as s:
         yield s

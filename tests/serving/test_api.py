@@ -114,6 +114,9 @@ def test_a_lone_request_is_archived_and_recorded_on_the_worker_that_ran_it(
     ]
     stored = client.get(f"/v1/inspections/{body['inspection_id']}", headers=auth("operator"))
     assert stored.json()["cell_id"] == "C-lone" and stored.json()["archive_path"]
+    metrics = client.get("/metrics").text
+    assert 'cellinspect_record_commits_total{path="worker"} 1.0' in metrics
+    assert 'cellinspect_record_commits_total{path="writer"}' not in metrics
 
 
 def test_a_lone_request_falls_back_to_the_writer_and_survives_a_failed_worker_commit(
@@ -126,6 +129,7 @@ def test_a_lone_request_falls_back_to_the_writer_and_survives_a_failed_worker_co
     body = inspect(client, png(0), cell_id="C-declined").json()
     stored = client.get(f"/v1/inspections/{body['inspection_id']}", headers=auth("operator"))
     assert stored.status_code == 200 and stored.json()["cell_id"] == "C-declined"
+    assert 'cellinspect_record_commits_total{path="writer"} 1.0' in client.get("/metrics").text
 
     # The database refuses the worker's commit: a 503 that says so, nothing recorded, and
     # the next request is served (the worker and the batcher are free again).

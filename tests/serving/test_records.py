@@ -161,7 +161,7 @@ def test_one_bad_record_does_not_sink_its_batch(store: RecordStore) -> None:
 
 
 def test_failing_metrics_callback_does_not_stop_records(url: str) -> None:
-    def broken(_n: int, _s: float) -> None:
+    def broken(_n: int, _s: float, _path: str) -> None:
         raise ValueError("metrics bug")
 
     with RecordStore(url, on_commit=broken) as store:
@@ -286,7 +286,9 @@ def check_duplicate_key_in_a_group_keeps_the_others(url: str) -> None:
     """A key already stored, and a key twice in one group: the rest of the group is written."""
     commits: list[int] = []
     # A generous gathering window: every add below lands in one commit group.
-    with RecordStore(url, commit_wait_ms=200, on_commit=lambda n, _s: commits.append(n)) as store:
+    with RecordStore(
+        url, commit_wait_ms=200, on_commit=lambda n, _s, _path: commits.append(n)
+    ) as store:
         first = make_record(0, idempotency_key="st-1:cell-0:a")
         store.add_many_sync([first])
         twins = [make_record(i, idempotency_key="st-1:cell-20:a") for i in (20, 21)]
@@ -431,7 +433,7 @@ def test_try_commit_writes_in_the_calling_thread_when_the_writer_is_idle(
 def test_try_commit_declines_while_the_writer_commits_and_add_takes_over(url: str) -> None:
     inside, release = threading.Event(), threading.Event()
 
-    def slow_commit(_size: int, _seconds: float) -> None:  # runs inside the writer's commit
+    def slow_commit(_size: int, _seconds: float, _path: str) -> None:  # inside the commit
         inside.set()
         release.wait(10)
 

@@ -3,6 +3,8 @@
 Side by side in one run, on the same model and image:
   * in-process limit: decode + preprocess + ONNX Runtime (batch 8) in a tight loop;
   * naive: benchmarks/naive_server.py (session.run per request, no batching, no records);
+    with --naive-records also the same route committing a record per request before it
+    answers (what durability costs a design without batching or a writer thread);
   * cellinspect: `cellinspect serve` (micro-batching, durable records, archive);
   * with --compare: other serving stacks doing the same work per image (decode_image,
     preprocess, ORT with the same threads), each from its own virtual environment made by
@@ -13,7 +15,7 @@ Side by side in one run, on the same model and image:
 Load comes from wrk (C, one thread) on loopback; each cell is the median of the rounds.
 
     python benchmarks/bench_serving.py [--size 224] [--rounds 3] [--duration 8]
-        [--compare pytriton,bentoml]
+        [--compare pytriton,bentoml] [--naive-records]
 
 Needs the train extra (torch, to export an untrained mobilenet_v3_small: speed does not
 depend on the weights) and `wrk` (Debian package).
@@ -516,6 +518,12 @@ def main() -> None:
         help="cellinspect server processes, comma-separated to measure several (e.g. 1,2)",
     )
     parser.add_argument(
+        "--naive-records",
+        action="store_true",
+        help="also run the naive route storing each answer before it returns (one SQLite "
+        "INSERT + COMMIT per request on its event loop, the service's table and pragmas)",
+    )
+    parser.add_argument(
         "--compare",
         default="",
         help="also run these servers, comma-separated: pytriton, bentoml (each in its own "
@@ -558,13 +566,25 @@ def main() -> None:
                     card, onnx_path, image_path.read_bytes(), args.threads, args.duration, providers
                 )
             )
-            servers = [("naive", "/infer", 1)] + [
-                ("cellinspect", "/v1/inspect", n) for n in service_workers
+            # (label, kind, route, server processes, extra settings)
+            servers = [("naive", "naive", "/infer", 1, {})]
+            if args.naive_records:
+                servers.append(("naive + records", "naive", "/infer", 1, {"BENCH_RECORDS": "1"}))
+            servers += [
+                (
+                    "cellinspect" if n == 1 else f"cellinspect --workers {n}",
+                    "cellinspect",
+                    "/v1/inspect",
+                    n,
+                    {},
+                )
+                for n in service_workers
             ]
-            for kind, route, n in servers:
+            for label, kind, route, n, extra in servers:
                 threads = args.threads if kind == "naive" else args.service_threads
-                proc = start_server(kind, home, 8700 + round_, threads, workers=n, env=provider_env)
-                label = kind if n == 1 else f"{kind} --workers {n}"
+                proc = start_server(
+                    kind, home, 8700 + round_, threads, workers=n, env={**provider_env, **extra}
+                )
                 try:
                     measure(label, f"http://127.0.0.1:{8700 + round_}{route}", script, image_path)
                 finally:

@@ -21,6 +21,11 @@ class BalanceMode(StrEnum):
     NONE = "none"
 
 
+class OptimizerKind(StrEnum):
+    ADAMW = "adamw"
+    SGD = "sgd"  # momentum 0.9, Nesterov; wants a larger lr (e.g. 0.05) and weight_decay ~5e-4
+
+
 class TrainConfig(BaseModel):
     """Everything that decides a training run; saved as config.yaml in the run directory."""
 
@@ -34,8 +39,9 @@ class TrainConfig(BaseModel):
     resize: ResizeMode = ResizeMode.STRETCH
     channels: Literal[1, 3] | None = None  # None: 1 if the first image is gray, else 3
     batch_size: int = Field(32, ge=1)  # small data from scratch: more, smaller steps
-    lr: float = Field(2e-3, gt=0)  # AdamW peak learning rate
-    weight_decay: float = Field(0.05, ge=0)
+    optimizer: OptimizerKind = OptimizerKind.ADAMW
+    lr: float = Field(2e-3, gt=0)  # peak learning rate
+    weight_decay: float = Field(0.05, ge=0)  # decoupled for AdamW, L2 for SGD
     warmup_epochs: float = Field(0.5, ge=0)  # linear warm-up, then cosine decay to 0
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Weight of the auxiliary stride-16 CAM head's cross-entropy beside the main loss; the

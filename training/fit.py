@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cellinspect.datasets.preprocess import PreprocessSpec
 from cellinspect.datasets.samples import Split
 from cellinspect.training.augment import BatchMixer, build_augmentation
-from cellinspect.training.config import BalanceMode, TrainConfig
+from cellinspect.training.config import BalanceMode, OptimizerKind, TrainConfig
 from cellinspect.training.data import (
     PreparedImageDataset,
     TrainingData,
@@ -81,6 +81,18 @@ def build_spec(cfg: TrainConfig, data: TrainingData) -> PreprocessSpec:
         mean=(0.5,) * channels,
         std=(0.25,) * channels,
     )
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer is OptimizerKind.SGD:
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.lr,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -285,7 +297,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
         else None
     )
     criterion = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=cfg.label_smoothing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

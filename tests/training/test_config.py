@@ -44,3 +44,22 @@ def test_missing_and_malformed_yaml_are_named(tmp_path) -> None:
     broken.write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
         resolve_config(yaml_path=broken)
+
+
+def test_optimizer_from_yaml_builds_nesterov_sgd_and_bad_names_list_choices(tmp_path) -> None:
+    from torch import nn
+
+    from cellinspect.training.fit import make_optimizer
+
+    path = tmp_path / "sgd.yaml"
+    path.write_text("data: d\nout: o\noptimizer: sgd\nlr: 0.05\nweight_decay: 5.0e-4\n")
+    model = nn.Linear(3, 2)
+    sgd = make_optimizer(model, resolve_config(yaml_path=path))
+    assert type(sgd).__name__ == "SGD"
+    group = sgd.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"]) == (0.05, 0.9, True)
+    assert group["weight_decay"] == 5.0e-4
+    default = make_optimizer(model, resolve_config(overrides={"data": "d", "out": "o"}))
+    assert type(default).__name__ == "AdamW"
+    with pytest.raises(ConfigError, match="optimizer.*adamw.*sgd"):
+        resolve_config(overrides={"data": "d", "out": "o", "optimizer": "adam"})

@@ -27,7 +27,7 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy datasets models
+	$(BIN)/mypy datasets models training serving
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -90,9 +90,9 @@ class BatchMixer:
         if kind == "mixup":
             x = lam * x + (1.0 - lam) * x[perm]
         else:  # paste a box of area (1 - lam) from the partner image; lam = what is left
-            height, width = x.shape[-2:]
+            height, width = int(x.shape[-2]), int(x.shape[-1])
             cut = math.sqrt(1.0 - lam)
-            cy, cx = self.rng.integers(height), self.rng.integers(width)
+            cy, cx = int(self.rng.integers(height)), int(self.rng.integers(width))
             y0, y1 = max(cy - round(height * cut / 2), 0), min(cy + round(height * cut / 2), height)
             x0, x1 = max(cx - round(width * cut / 2), 0), min(cx + round(width * cut / 2), width)
             x = x.clone()

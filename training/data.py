@@ -56,7 +56,7 @@ class TrainingData:
         for row, sample in enumerate(self.splits[split]):
             raw = sample.metadata.get(key)
             try:
-                p = float(raw)  # type: ignore[arg-type]
+                p = float(raw)
             except (TypeError, ValueError):
                 raise ValueError(
                     f"{sample.path}: metadata {key!r} is {raw!r}, not a defect probability"
@@ -188,6 +188,8 @@ def reseed_worker_augmentation(worker_id: int) -> None:
     would draw the same sequence; reseed each from its torch worker seed, which derives from
     the loader's seeded generator, so the draws stay repeatable and differ between workers."""
     info = torch.utils.data.get_worker_info()
-    augment = getattr(info.dataset, "augment", None) if info is not None else None
+    if info is None:  # not in a worker process
+        return
+    augment = getattr(info.dataset, "augment", None)
     if augment is not None:
         augment.set_random_seed(info.seed % 2**32)

@@ -62,7 +62,7 @@ def create_app() -> FastAPI:
                         "id": uuid.uuid4().hex,
                         "created": datetime.now(UTC),
                         "model_name": card.name,
-                        "model_version": card.version or "",
+                        "model_version": card.version,
                         "label": card.class_names[best],
                         "confidence": answer[best],
                         "probabilities": dict(zip(card.class_names, answer, strict=True)),

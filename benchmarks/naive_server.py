@@ -5,7 +5,8 @@ request (no batching, no records). Same preprocessing and ORT settings as the se
 
 With BENCH_RECORDS=1 the route also stores each answer the naive way before it returns:
 one INSERT and COMMIT per request on the event loop, in the service's own table and SQLite
-settings (WAL, synchronous=FULL) under the home, with the image's sha256. That is the least
+settings (WAL, synchronous=FULL) under the home, with the service's verdict policy
+(`decide`, the card's operating point) and the image's sha256. That is the least
 a route must do to meet "every answered inspection is stored before the response leaves",
 so it measures what durability costs a design without batching or a writer thread.
 """
@@ -26,6 +27,7 @@ from cellinspect.datasets.preprocess import preprocess
 from cellinspect.home import Home
 from cellinspect.models.runtime import create_session
 from cellinspect.models.store import ModelStore
+from cellinspect.serving.policy import decide
 from cellinspect.serving.records import InspectionRow, RecordStore
 
 
@@ -54,7 +56,7 @@ def create_app() -> FastAPI:
         (probs,) = session.run(["probabilities"], {"image": x})
         answer = np.asarray(probs[0]).tolist()
         if records is not None:
-            best = int(np.argmax(answer))
+            decision = decide(probs[0], card, line_id=None, line_points={})
             with records.engine.begin() as conn:
                 conn.execute(
                     insert(InspectionRow),
@@ -63,10 +65,11 @@ def create_app() -> FastAPI:
                         "created": datetime.now(UTC),
                         "model_name": card.name,
                         "model_version": card.version,
-                        "label": card.class_names[best],
-                        "confidence": answer[best],
+                        "label": decision.label,
+                        "confidence": decision.confidence,
                         "probabilities": dict(zip(card.class_names, answer, strict=True)),
-                        "verdict": "pass" if card.class_names[best] == card.good_class else "scrap",
+                        "verdict": decision.verdict.value,
+                        "defect_probability": decision.defect_probability,
                         "timings": {},
                         "image_sha256": hashlib.sha256(data).hexdigest(),
                     },

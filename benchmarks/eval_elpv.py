@@ -4,8 +4,9 @@
 
 Runs the ONNX model through `models.predict` (exactly what the service runs) on the
 manifest's test split, and prints accuracy, ROC-AUC, F1 of the defective class, the same
-for mono and poly cells separately, and the verdict-level figures at the card's operating
-point: automatic-decision accuracy, review rate, escape rate, false-scrap rate. Binary
+for mono and poly cells separately, the verdict-level figures at the card's operating
+point (automatic-decision accuracy, review rate, escape rate, false-scrap rate), and the
+ROC-AUC between pairs of expert grades (0 vs 1: the unambiguous cells alone). Binary
 tasks only (defective = not the card's good class). Next to the published anchors of
 Deitsch et al. (Solar Energy 2019): CNN 88.42%, SVM 82.44% binary accuracy.
 """
@@ -45,6 +46,27 @@ def figures(defect_p: np.ndarray, truth: np.ndarray, verdicts: list[Verdict]) ->
         "escape_rate": float((truth & auto & ~scrap).sum() / max(truth.sum(), 1)),
         "false_scrap_rate": float((~truth & scrap).sum() / max((~truth).sum(), 1)),
     }
+
+
+GRADE_PAIRS = ((0.0, 1.0), (0.0, 2 / 3), (1 / 3, 1.0), (1 / 3, 2 / 3))
+
+
+def grade_aucs(defect_p: np.ndarray, grades: np.ndarray) -> dict[str, float]:
+    """ROC-AUC between pairs of ELPV expert grades (defect probabilities 0, 1/3, 2/3, 1).
+
+    0 vs 1 leaves out every ambiguous cell: a low figure there is the model's failing, not
+    the labels' noise."""
+    out = {}
+    for low, high in GRADE_PAIRS:
+        keep = np.isclose(grades, low) | np.isclose(grades, high)
+        truth = np.isclose(grades[keep], high)
+        name = f"{low:.2f} vs {high:.2f}"
+        out[name] = (
+            float(roc_auc_score(truth, defect_p[keep]))
+            if 0 < truth.sum() < keep.sum()
+            else float("nan")
+        )
+    return out
 
 
 def main() -> None:
@@ -89,6 +111,10 @@ def main() -> None:
             f"{f['f1_defective']:.4f} | {f['auto_accuracy']:.4f} | {f['review_rate']:.3f} | "
             f"{f['escape_rate']:.3f} | {f['false_scrap_rate']:.3f} |"
         )
+    grades = np.array([float(s.metadata.get("probability", "nan")) for s in samples])
+    if not np.isnan(grades).any():
+        pairs = ", ".join(f"{k}: {v:.4f}" for k, v in grade_aucs(defect_p, grades).items())
+        print(f"\nROC-AUC between expert grades: {pairs}")
     accuracy = float(accuracy_score(truth, defect_p >= 0.5))
     print(f"\nbinary accuracy (p >= 0.5, as the anchors): {accuracy:.4f}")
     for name, value in ANCHORS.items():

@@ -1,0 +1,284 @@
+"""Screen ELPV training ideas cheaply, on the validation split only (never the test quarter).
+
+A quarter-width ResNet-18 (stages 32-64-128-256) trains in ~40 s an epoch on one CPU core
+at 224², so two ideas run side by side on a 2-core box in ~15 minutes, against ~50 minutes
+for one run of the full recipe. It reuses the product's manifest, preprocessing contract
+and augmentation presets; the ideas live here until one earns a place in `training/`:
+
+    --pool lse          log-sum-exp pooling of per-location logits (multiple-instance
+                        learning: the strongest local evidence decides) instead of averaging
+    --image-norm image  each image standardised to its own mean and spread
+    --image-norm highpass   the same after removing its low frequencies (illumination)
+    --synth-cracks Q    share Q of the functional training images get synthetic cracks
+                        (thin dark polylines, some cutting off a darker inactive area) and
+                        count as defective
+
+Besides the per-epoch log it prints, at the end, the ROC-AUC between expert grades (0 vs 1,
+0 vs 2/3, ...) and the AUC on the training images in evaluation mode, which tells
+underfitting (train AUC no higher than validation) from overfitting.
+
+    python benchmarks/elpv_screen.py --data HOME/datasets/elpv-binary/manifest.json \\
+        --out /tmp/screen/base --threads 1 &
+    python benchmarks/elpv_screen.py --data HOME/datasets/elpv-binary/manifest.json \\
+        --out /tmp/screen/lse --pool lse --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torchvision.models import resnet
+
+from cellinspect.datasets.manifest import load_manifest
+from cellinspect.datasets.preprocess import PreprocessSpec, normalize
+from cellinspect.datasets.samples import Split
+from cellinspect.training.augment import AugmentPreset, build_augmentation
+from cellinspect.training.data import PreparedImageDataset, prepare_all
+from cellinspect.training.fit import warmup_cosine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from eval_elpv import grade_aucs  # noqa: E402
+
+GOOD = "functional"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="ELPV binary manifest (cellinspect data elpv)")
+    p.add_argument("--out", required=True, help="path prefix for the log, weights and scores")
+    p.add_argument("--pool", choices=["avg", "lse"], default="avg")
+    p.add_argument("--image-norm", choices=["none", "image", "highpass"], default="none")
+    p.add_argument("--synth-cracks", type=float, default=0.0, metavar="Q")
+    p.add_argument("--width", type=int, default=32, help="first stage's channels (64: ResNet-18)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--augment", choices=[a.value for a in AugmentPreset], default="isotropic")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    return p
+
+
+class ScreenNet(nn.Module):
+    """ResNet-18 layout at `width`, 1-channel stem, a 1x1 convolution as classifier so that
+    the logits can be pooled per location (avg: the same as torchvision's avgpool + fc)."""
+
+    def __init__(self, width: int, pool: str) -> None:
+        super().__init__()
+        net = resnet.ResNet(resnet.BasicBlock, [2, 2, 2, 2], num_classes=2)
+        net.inplanes = width
+        net.conv1 = nn.Conv2d(1, width, 7, 2, 3, bias=False)
+        net.bn1 = nn.BatchNorm2d(width)
+        net.layer1 = net._make_layer(resnet.BasicBlock, width, 2)
+        net.layer2 = net._make_layer(resnet.BasicBlock, 2 * width, 2, stride=2)
+        net.layer3 = net._make_layer(resnet.BasicBlock, 4 * width, 2, stride=2)
+        net.layer4 = net._make_layer(resnet.BasicBlock, 8 * width, 2, stride=2)
+        self.net, self.pool = net, pool
+        self.classifier = nn.Conv2d(8 * width, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        scores = self.classifier(n.layer4(n.layer3(n.layer2(n.layer1(x))))).flatten(2)
+        if self.pool == "avg":
+            return scores.mean(2)
+        # LSE pooling (Pinheiro & Collobert, CVPR 2015), r = 5: between the mean and the max.
+        r = 5.0
+        return (torch.logsumexp(r * scores, 2) - math.log(scores.shape[2])) / r
+
+
+def image_norm(images: np.ndarray, mode: str, size: int) -> np.ndarray:
+    """Per-image standardisation (optionally of the high-pass image), mapped back into [0, 1]
+    so that the augmentation presets and normalize() apply unchanged."""
+    if mode == "none":
+        return images
+    out = np.empty_like(images)
+    for i, image in enumerate(images[..., 0]):
+        if mode == "highpass":
+            image = image - cv2.GaussianBlur(image, (0, 0), sigmaX=size / 28)
+        out[i, ..., 0] = np.clip((image - image.mean()) / (image.std() + 1e-3) * 0.15 + 0.5, 0, 1)
+    return out
+
+
+def _crack_path(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A polyline from a random edge point inwards, mostly straight with a few kinks."""
+    side, t = int(rng.integers(4)), rng.uniform(0.1, 0.9)
+    x, y = [(t * w, 0.0), (w - 1.0, t * h), (t * w, h - 1.0), (0.0, t * h)][side]
+    heading = [math.pi / 2, math.pi, -math.pi / 2, 0.0][side] + rng.uniform(-0.9, 0.9)
+    step = max(h, w) / 40
+    points = [(x, y)]
+    for _ in range(int(rng.uniform(0.3, 1.3) * 40)):
+        heading += rng.normal(0, 0.04) + (rng.uniform(-0.7, 0.7) if rng.random() < 0.05 else 0)
+        x, y = x + step * math.cos(heading), y + step * math.sin(heading)
+        if not (0 <= x < w and 0 <= y < h):
+            break
+        points.append((x, y))
+    return np.array(points, np.float32)
+
+
+def inject_cracks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """H x W x 1 float image in [0, 1] -> a copy with one or two dark cracks; a third of them
+    also darken the area they cut off (an isolated, inactive part of the cell)."""
+    h, w = image.shape[:2]
+    out, mask = image[..., 0].copy(), np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(1, 3))):
+        path = _crack_path(rng, h, w)
+        if len(path) < 3:
+            continue
+        cv2.polylines(
+            mask,
+            [np.round(path * 4).astype(np.int32)],
+            False,
+            1.0,
+            thickness=int(rng.choice([1, 1, 2])),
+            lineType=cv2.LINE_AA,
+            shift=2,
+        )
+        if rng.random() < 0.35:
+            area = np.zeros((h, w), np.uint8)
+            cv2.fillPoly(area, [np.round(np.concatenate([path, path[:1]])).astype(np.int32)], 1)
+            if 0.02 < area.mean() < 0.5:
+                soft = cv2.GaussianBlur(area.astype(np.float32), (0, 0), 1.0)
+                out *= 1 - soft * (1 - rng.uniform(0.35, 0.8))
+    mask = cv2.GaussianBlur(mask, (0, 0), rng.uniform(0.3, 0.7))
+    out *= 1 - rng.uniform(0.2, 0.55) * np.clip(mask, 0, 1)
+    return np.clip(out, 0, 1)[..., None].astype(np.float32)
+
+
+class CrackedDataset(PreparedImageDataset):
+    """The training set, where a share of the functional images become synthetic defects."""
+
+    def __init__(self, *args, share: float, defective: int, seed: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.share, self.defective = share, defective
+        self.rng = np.random.default_rng(seed + 99)
+
+    def __getitem__(self, index: int):
+        if self.labels[index] == self.defective or self.rng.random() >= self.share:
+            return super().__getitem__(index)
+        image = inject_cracks(self.prepared[index], self.rng)
+        if self.augment is not None:
+            image = self.augment(image=image)["image"].reshape(image.shape)
+        return torch.from_numpy(normalize(np.clip(image, 0, 1), self.spec)), self.defective
+
+
+@torch.inference_mode()
+def defect_scores(net: nn.Module, images: np.ndarray, spec: PreprocessSpec, defective: int):
+    net.eval()
+    out = []
+    for start in range(0, len(images), 64):
+        x = torch.from_numpy(np.stack([normalize(i, spec) for i in images[start : start + 64]]))
+        out.append(torch.softmax(net(x.to(memory_format=torch.channels_last)), 1)[:, defective])
+    return torch.cat(out).numpy()
+
+
+def grade_report(scores: np.ndarray, grades: np.ndarray, types: np.ndarray) -> dict[str, float]:
+    """ROC-AUC between pairs of expert grades (eval_elpv.grade_aucs) and per cell type."""
+    report = {f"auc_{k.replace(' ', '_')}": v for k, v in grade_aucs(scores, grades).items()}
+    for kind in ("mono", "poly"):
+        keep = types == kind
+        report[f"auc_{kind}"] = roc_auc_score(grades[keep] > 0.5, scores[keep])
+    return report
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    manifest = load_manifest(args.data)
+    classes = list(manifest.classes)
+    defective = 1 - classes.index(GOOD)
+    spec = PreprocessSpec(height=args.size, width=args.size, channels=1)
+    train = [s for s in manifest.samples if s.split == Split.TRAIN]
+    val = [s for s in manifest.samples if s.split == Split.VAL]
+    y_train = np.array([classes.index(s.label) for s in train])
+    y_val = np.array([classes.index(s.label) for s in val])
+    x_train, x_val = (
+        image_norm(
+            prepare_all(s, spec, max_pixels=10**8, threads=args.threads), args.image_norm, args.size
+        )
+        for s in (train, val)
+    )
+    augment = build_augmentation(AugmentPreset(args.augment), seed=args.seed)
+    data = CrackedDataset(
+        x_train,
+        y_train,
+        spec,
+        augment=augment,
+        share=args.synth_cracks,
+        defective=defective,
+        seed=args.seed,
+    )
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=32,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    # Inverse-frequency class weights, as the recipe's `balance: loss`, on the expected
+    # labels after synthetic cracks moved a share of functional images to defective.
+    freq = np.bincount(y_train, minlength=2).astype(float)
+    moved = freq[1 - defective] * args.synth_cracks
+    freq[1 - defective] -= moved
+    freq[defective] += moved
+    weights = torch.tensor(len(y_train) / (2 * freq), dtype=torch.float32)
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
+    net = ScreenNet(args.width, args.pool).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(args.epochs * len(loader), len(loader))
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log, start = [], time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        net.train()
+        loss_sum = correct = seen = 0
+        for x, y in loader:
+            logits = net(x.to(memory_format=torch.channels_last))
+            loss = criterion(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        scores = defect_scores(net, x_val, spec, defective)
+        row = {
+            "epoch": epoch,
+            "train_loss": round(loss_sum / seen, 4),
+            "train_acc": round(correct / seen, 4),
+            "val_auc": round(roc_auc_score(y_val == defective, scores), 4),
+            "val_acc": round(float(((scores > 0.5) == (y_val == defective)).mean()), 4),
+            "minutes": round((time.perf_counter() - start) / 60, 2),
+        }
+        log.append(row)
+        print(json.dumps(row), flush=True)
+    grades = np.array([float(s.metadata["probability"]) for s in val])
+    types = np.array([str(s.metadata["type"]) for s in val])
+    train_scores = defect_scores(net, x_train, spec, defective)
+    final = {
+        "train_auc_eval_mode": round(roc_auc_score(y_train == defective, train_scores), 4),
+        **{k: round(v, 4) for k, v in grade_report(scores, grades, types).items()},
+    }
+    print(json.dumps(final), flush=True)
+    np.save(f"{out}.val_scores.npy", scores)
+    Path(f"{out}.json").write_text(json.dumps({"args": vars(args), "log": log, "final": final}))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,9 +1,10 @@
 """Screen ELPV training ideas cheaply, on the validation split only (never the test quarter).
 
-A quarter-width ResNet-18 (stages 32-64-128-256) trains in ~40 s an epoch on one CPU core
-at 224², so two ideas run side by side on a 2-core box in ~15 minutes, against ~50 minutes
-for one run of the full recipe. It reuses the product's manifest, preprocessing contract
-and augmentation presets; the ideas live here until one earns a place in `training/`:
+A half-width ResNet-18 (stages 32-64-128-256: a quarter of its parameters and
+multiply-adds) trains in ~45 s an epoch on one CPU core at 224², so two ideas run side by
+side on a 2-core box in ~15 minutes, against ~50 minutes for one run of the full recipe.
+It reuses the product's manifest, preprocessing contract and augmentation presets; the
+ideas live here until one earns a place in `training/`:
 
     --pool lse          log-sum-exp pooling of per-location logits (multiple-instance
                         learning: the strongest local evidence decides) instead of averaging

@@ -11,7 +11,7 @@ ideas live here until one earns a place in `training/`:
     --image-norm image  each image standardised to its own mean and spread
     --image-norm highpass   the same after removing its low frequencies (illumination)
     --synth-cracks Q    share Q of the functional training images get synthetic cracks
-                        (thin dark polylines, some cutting off a darker inactive area) and
+                        (thin dark polylines, some with a darker sliver beside them) and
                         count as defective
 
 Besides the per-epoch log it prints, at the end, the ROC-AUC between expert grades (0 vs 1,
@@ -132,7 +132,8 @@ def _crack_path(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 def inject_cracks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """H x W x 1 float image in [0, 1] -> a copy with one or two dark cracks; a third of them
-    also darken the area they cut off (an isolated, inactive part of the cell)."""
+    also darken the region between the crack and the chord joining its ends, a crude
+    stand-in for an isolated, inactive part of the cell."""
     h, w = image.shape[:2]
     out, mask = image[..., 0].copy(), np.zeros((h, w), np.float32)
     for _ in range(int(rng.integers(1, 3))):

@@ -45,7 +45,7 @@ from cellinspect.datasets.preprocess import PreprocessSpec, normalize
 from cellinspect.datasets.samples import Split
 from cellinspect.training.augment import AugmentPreset, build_augmentation
 from cellinspect.training.data import PreparedImageDataset, prepare_all
-from cellinspect.training.fit import warmup_cosine
+from cellinspect.training.fit import predict_probs, warmup_cosine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -57,7 +57,9 @@ GOOD = "functional"
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="ELPV binary manifest (cellinspect data elpv)")
-    p.add_argument("--out", required=True, help="path prefix for the log, weights and scores")
+    p.add_argument(
+        "--out", required=True, help="path prefix for the JSON log and the validation scores"
+    )
     p.add_argument("--pool", choices=["avg", "lse"], default="avg")
     p.add_argument("--image-norm", choices=["none", "image", "highpass"], default="none")
     p.add_argument("--synth-cracks", type=float, default=0.0, metavar="Q")
@@ -177,14 +179,12 @@ class CrackedDataset(PreparedImageDataset):
         return torch.from_numpy(normalize(np.clip(image, 0, 1), self.spec)), self.defective
 
 
-@torch.inference_mode()
 def defect_scores(net: nn.Module, images: np.ndarray, spec: PreprocessSpec, defective: int):
-    net.eval()
-    out = []
-    for start in range(0, len(images), 64):
-        x = torch.from_numpy(np.stack([normalize(i, spec) for i in images[start : start + 64]]))
-        out.append(torch.softmax(net(x.to(memory_format=torch.channels_last)), 1)[:, defective])
-    return torch.cat(out).numpy()
+    """P(defective) of each prepared image, through the fit loop's own evaluation path."""
+    loader = torch.utils.data.DataLoader(
+        PreparedImageDataset(images, np.zeros(len(images), np.int64), spec), batch_size=64
+    )
+    return predict_probs(net, loader, torch.device("cpu"))[:, defective]
 
 
 def grade_report(scores: np.ndarray, grades: np.ndarray, types: np.ndarray) -> dict[str, float]:

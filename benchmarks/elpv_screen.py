@@ -3,15 +3,15 @@
 A half-width ResNet-18 (stages 32-64-128-256: a quarter of its parameters and
 multiply-adds) trains in ~45 s an epoch on one CPU core at 224², so two ideas run side by
 side on a 2-core box in ~15 minutes, against ~50 minutes for one run of the full recipe.
-It reuses the product's manifest, preprocessing contract and augmentation presets; the
-ideas live here until one earns a place in `training/`:
+It reuses the product's manifest, preprocessing contract, augmentation presets and crack
+painter; the other ideas live here until one earns a place in `training/`:
 
     --pool lse          log-sum-exp pooling of per-location logits (multiple-instance
                         learning: the strongest local evidence decides) instead of averaging
     --image-norm image  each image standardised to its own mean and spread
     --image-norm highpass   the same after removing its low frequencies (illumination)
     --synth-cracks Q    share Q of the functional training images get synthetic cracks
-                        (thin dark polylines, some with a darker sliver beside them) and
+                        (the product's `synth_cracks`, datasets/synth/el_cracks.py) and
                         count as defective
 
 Besides the per-epoch log it prints, at the end, the ROC-AUC between expert grades (0 vs 1,
@@ -41,10 +41,10 @@ from torch import nn
 from torchvision.models import resnet
 
 from cellinspect.datasets.manifest import load_manifest
-from cellinspect.datasets.preprocess import PreprocessSpec, normalize
+from cellinspect.datasets.preprocess import PreprocessSpec
 from cellinspect.datasets.samples import Split
 from cellinspect.training.augment import AugmentPreset, build_augmentation
-from cellinspect.training.data import PreparedImageDataset, prepare_all
+from cellinspect.training.data import CrackPaintingDataset, PreparedImageDataset, prepare_all
 from cellinspect.training.fit import predict_probs, warmup_cosine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -116,69 +116,6 @@ def image_norm(images: np.ndarray, mode: str, size: int) -> np.ndarray:
     return out
 
 
-def _crack_path(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A polyline from a random edge point inwards, mostly straight with a few kinks."""
-    side, t = int(rng.integers(4)), rng.uniform(0.1, 0.9)
-    x, y = [(t * w, 0.0), (w - 1.0, t * h), (t * w, h - 1.0), (0.0, t * h)][side]
-    heading = [math.pi / 2, math.pi, -math.pi / 2, 0.0][side] + rng.uniform(-0.9, 0.9)
-    step = max(h, w) / 40
-    points = [(x, y)]
-    for _ in range(int(rng.uniform(0.3, 1.3) * 40)):
-        heading += rng.normal(0, 0.04) + (rng.uniform(-0.7, 0.7) if rng.random() < 0.05 else 0)
-        x, y = x + step * math.cos(heading), y + step * math.sin(heading)
-        if not (0 <= x < w and 0 <= y < h):
-            break
-        points.append((x, y))
-    return np.array(points, np.float32)
-
-
-def inject_cracks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """H x W x 1 float image in [0, 1] -> a copy with one or two dark cracks; a third of them
-    also darken the region between the crack and the chord joining its ends, a crude
-    stand-in for an isolated, inactive part of the cell."""
-    h, w = image.shape[:2]
-    out, mask = image[..., 0].copy(), np.zeros((h, w), np.float32)
-    for _ in range(int(rng.integers(1, 3))):
-        path = _crack_path(rng, h, w)
-        if len(path) < 3:
-            continue
-        cv2.polylines(
-            mask,
-            [np.round(path * 4).astype(np.int32)],
-            False,
-            1.0,
-            thickness=int(rng.choice([1, 1, 2])),
-            lineType=cv2.LINE_AA,
-            shift=2,
-        )
-        if rng.random() < 0.35:
-            area = np.zeros((h, w), np.uint8)
-            cv2.fillPoly(area, [np.round(np.concatenate([path, path[:1]])).astype(np.int32)], 1)
-            if 0.02 < area.mean() < 0.5:
-                soft = cv2.GaussianBlur(area.astype(np.float32), (0, 0), 1.0)
-                out *= 1 - soft * (1 - rng.uniform(0.35, 0.8))
-    mask = cv2.GaussianBlur(mask, (0, 0), rng.uniform(0.3, 0.7))
-    out *= 1 - rng.uniform(0.2, 0.55) * np.clip(mask, 0, 1)
-    return np.clip(out, 0, 1)[..., None].astype(np.float32)
-
-
-class CrackedDataset(PreparedImageDataset):
-    """The training set, where a share of the functional images become synthetic defects."""
-
-    def __init__(self, *args, share: float, defective: int, seed: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.share, self.defective = share, defective
-        self.rng = np.random.default_rng(seed + 99)
-
-    def __getitem__(self, index: int):
-        if self.labels[index] == self.defective or self.rng.random() >= self.share:
-            return super().__getitem__(index)
-        image = inject_cracks(self.prepared[index], self.rng)
-        if self.augment is not None:
-            image = self.augment(image=image)["image"].reshape(image.shape)
-        return torch.from_numpy(normalize(np.clip(image, 0, 1), self.spec)), self.defective
-
-
 def defect_scores(net: nn.Module, images: np.ndarray, spec: PreprocessSpec, defective: int):
     """P(defective) of each prepared image, through the fit loop's own evaluation path."""
     loader = torch.utils.data.DataLoader(
@@ -201,7 +138,8 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     manifest = load_manifest(args.data)
     classes = list(manifest.classes)
-    defective = 1 - classes.index(GOOD)
+    good = classes.index(GOOD)
+    defective = 1 - good
     spec = PreprocessSpec(height=args.size, width=args.size, channels=1)
     train = [s for s in manifest.samples if s.split == Split.TRAIN]
     val = [s for s in manifest.samples if s.split == Split.VAL]
@@ -214,14 +152,15 @@ def main(args: argparse.Namespace) -> None:
         for s in (train, val)
     )
     augment = build_augmentation(AugmentPreset(args.augment), seed=args.seed)
-    data = CrackedDataset(
+    data = CrackPaintingDataset(
         x_train,
         y_train,
         spec,
         augment=augment,
         share=args.synth_cracks,
+        good=good,
         defective=defective,
-        seed=args.seed,
+        seed=args.seed + 99,
     )
     loader = torch.utils.data.DataLoader(
         data,
@@ -232,10 +171,7 @@ def main(args: argparse.Namespace) -> None:
     )
     # Inverse-frequency class weights, as the recipe's `balance: loss`, on the expected
     # labels after synthetic cracks moved a share of functional images to defective.
-    freq = np.bincount(y_train, minlength=2).astype(float)
-    moved = freq[1 - defective] * args.synth_cracks
-    freq[1 - defective] -= moved
-    freq[defective] += moved
+    freq = data.expected_counts(2)
     weights = torch.tensor(len(y_train) / (2 * freq), dtype=torch.float32)
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
     net = ScreenNet(args.width, args.pool).to(memory_format=torch.channels_last)

@@ -40,7 +40,7 @@ def build_augmentation(preset: AugmentPreset, seed: int | None = None) -> A.Comp
     """The training-time transform for `preset`, or None for no augmentation.
 
     Albumentations keeps its own random state (global seeds do not reach it): `seed` makes
-    the draws repeatable. Loader workers reseed their copy (`reseed_worker_augmentation`).
+    the draws repeatable. Loader workers reseed their copy (`reseed_worker`).
     """
     if preset is AugmentPreset.NONE:
         return None

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cellinspect.datasets.preprocess import ResizeMode
 from cellinspect.training.augment import AugmentPreset
@@ -58,6 +65,10 @@ class TrainConfig(BaseModel):
     # Batch mixing (Beta(alpha, alpha) mixing weights; 0: off; both on: one per batch).
     mixup_alpha: float = Field(0.0, ge=0)
     cutmix_alpha: float = Field(0.0, ge=0)
+    # Binary tasks: the share of good training images that, at each draw, get synthetic
+    # electroluminescence cracks painted on (datasets.synth.el_cracks) and count as defective.
+    # Meant for EL cell images (ELPV); 0: off. Class weights balance the moved labels.
+    synth_cracks: float = Field(0.0, ge=0, lt=1)
     balance: BalanceMode = BalanceMode.LOSS
     augment: AugmentPreset = AugmentPreset.FLIPS
     patience: int = Field(5, ge=1)  # epochs without validation improvement before stopping
@@ -104,6 +115,15 @@ class TrainConfig(BaseModel):
         if min(value) < 32 or max(value) > 2048:
             raise ValueError("img_size sides must be between 32 and 2048 pixels")
         return value
+
+    @model_validator(mode="after")
+    def _check_synth_cracks(self) -> TrainConfig:
+        if self.synth_cracks and self.balance is BalanceMode.SAMPLER:
+            raise ValueError(
+                "synth_cracks moves good images to the defective class after sampling, so "
+                "balance: sampler would not balance the classes; use balance: loss or none"
+            )
+        return self
 
     @property
     def loader_workers(self) -> int:

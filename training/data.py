@@ -21,6 +21,7 @@ from cellinspect.datasets.decode import read_image
 from cellinspect.datasets.manifest import Manifest, build_manifest, load_manifest, write_manifest
 from cellinspect.datasets.preprocess import PreprocessSpec, normalize, prepare
 from cellinspect.datasets.samples import Sample, Split
+from cellinspect.datasets.synth.el_cracks import paint_el_cracks
 from cellinspect.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -169,27 +170,83 @@ class PreparedImageDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
-        image = self.prepared[index]
-        if self.augment is not None:
-            image = self.augment(image=image)["image"]
-            if image.ndim == 2:  # some albumentations ops drop a trailing 1-channel axis
-                image = image[:, :, None]
-            image = np.clip(image, 0.0, 1.0)
         target = (
             int(self.labels[index])
             if self.targets is None
             else torch.from_numpy(self.targets[index])
         )
-        return torch.from_numpy(normalize(image, self.spec)), target
+        return self._finish(self.prepared[index]), target
+
+    def _finish(self, image: np.ndarray) -> torch.Tensor:
+        """Augment (if any), clip to [0, 1] and normalise a prepared image."""
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+            if image.ndim == 2:  # some albumentations ops drop a trailing 1-channel axis
+                image = image[:, :, None]
+            image = np.clip(image, 0.0, 1.0)
+        return torch.from_numpy(normalize(image, self.spec))
+
+    def reseed(self, seed: int) -> None:
+        """Give this copy of the dataset (one per loader worker) its own random streams."""
+        if self.augment is not None:
+            self.augment.set_random_seed(seed)
 
 
-def reseed_worker_augmentation(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: forked workers inherit one augmentation random state and
-    would draw the same sequence; reseed each from its torch worker seed, which derives from
-    the loader's seeded generator, so the draws stay repeatable and differ between workers."""
+class CrackPaintingDataset(PreparedImageDataset):
+    """Training images where each draw of a good image becomes, with probability `share`,
+    a synthetic defect: cracks painted by `datasets.synth.el_cracks` before augmentation,
+    labelled `defective` (a one-hot target when training on soft targets). A fresh crack
+    is painted at every draw, so no two epochs see the same one."""
+
+    def __init__(
+        self,
+        prepared: np.ndarray,
+        labels: np.ndarray,
+        spec: PreprocessSpec,
+        augment=None,
+        targets: np.ndarray | None = None,
+        *,
+        share: float,
+        good: int,
+        defective: int,
+        seed: int,
+    ) -> None:
+        super().__init__(prepared, labels, spec, augment, targets)
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"share of cracked good images must be in [0, 1), not {share}")
+        self.share, self.good, self.defective = share, good, defective
+        self.rng = np.random.default_rng(seed)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        if self.labels[index] != self.good or self.rng.random() >= self.share:
+            return super().__getitem__(index)
+        image = paint_el_cracks(self.prepared[index], self.rng)
+        if self.targets is None:
+            return self._finish(image), self.defective
+        target = torch.zeros(self.targets.shape[1], dtype=torch.float32)
+        target[self.defective] = 1.0
+        return self._finish(image), target
+
+    def reseed(self, seed: int) -> None:
+        super().reseed(seed)
+        self.rng = np.random.default_rng(seed)
+
+    def expected_counts(self, n_classes: int) -> np.ndarray:
+        """Images per class in an average epoch, after a `share` of the good ones moved to
+        the defective class: what inverse-frequency class weights should balance."""
+        counts = np.bincount(self.labels, minlength=n_classes).astype(np.float64)
+        moved = counts[self.good] * self.share
+        counts[self.good] -= moved
+        counts[self.defective] += moved
+        return counts
+
+
+def reseed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: forked workers inherit one random state (augmentation,
+    crack painting) and would draw the same sequence; reseed each from its torch worker
+    seed, which derives from the loader's seeded generator, so the draws stay repeatable
+    and differ between workers."""
     info = torch.utils.data.get_worker_info()
     if info is None:  # not in a worker process
         return
-    augment = getattr(info.dataset, "augment", None)
-    if augment is not None:
-        augment.set_random_seed(info.seed % 2**32)
+    info.dataset.reseed(info.seed % 2**32)

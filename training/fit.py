@@ -26,12 +26,13 @@ from cellinspect.datasets.samples import Split
 from cellinspect.training.augment import BatchMixer, build_augmentation
 from cellinspect.training.config import BalanceMode, OptimizerKind, TrainConfig
 from cellinspect.training.data import (
+    CrackPaintingDataset,
     PreparedImageDataset,
     TrainingData,
     infer_channels,
     load_training_data,
     prepare_all,
-    reseed_worker_augmentation,
+    reseed_worker,
 )
 from cellinspect.training.networks import create_model, forward_with_aux, has_aux_cam_weights
 
@@ -184,6 +185,38 @@ def validate(
     }
 
 
+def build_train_dataset(
+    cfg: TrainConfig,
+    data: TrainingData,
+    images: np.ndarray,
+    labels: np.ndarray,
+    spec: PreprocessSpec,
+    targets: np.ndarray | None,
+) -> PreparedImageDataset:
+    """The augmented training set; with `synth_cracks`, one that paints cracks on a share
+    of the good images (binary tasks only)."""
+    augment = build_augmentation(cfg.augment, seed=cfg.seed)
+    if not cfg.synth_cracks:
+        return PreparedImageDataset(images, labels, spec, augment, targets)
+    if len(data.class_names) != 2:
+        raise ValueError(
+            f"{data.manifest_path}: synth_cracks needs two classes (good and defective), "
+            f"not {len(data.class_names)}: {data.class_names}"
+        )
+    good = data.class_names.index(data.good_class)
+    return CrackPaintingDataset(
+        images,
+        labels,
+        spec,
+        augment,
+        targets,
+        share=cfg.synth_cracks,
+        good=good,
+        defective=1 - good,
+        seed=cfg.seed,
+    )
+
+
 def build_loaders(
     cfg: TrainConfig,
     train_ds: PreparedImageDataset,
@@ -206,7 +239,7 @@ def build_loaders(
         num_workers=cfg.loader_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.loader_workers > 0,
-        worker_init_fn=reseed_worker_augmentation,
+        worker_init_fn=reseed_worker,
     )
     # Validation images need no augmentation, so the main process normalises them directly.
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, num_workers=0)
@@ -257,14 +290,14 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
     missing = [c for c, n in zip(data.class_names, counts, strict=True) if n == 0]
     if missing:
         raise ValueError(f"{data.manifest_path}: no training images for class(es) {missing}")
-    inv_freq = counts.sum() / (n_classes * counts)
 
     train_targets = (
         data.soft_targets(Split.TRAIN, cfg.soft_label_key) if cfg.soft_label_key else None
     )
-    train_ds = PreparedImageDataset(
-        train_x, train_y, spec, build_augmentation(cfg.augment, seed=cfg.seed), train_targets
-    )
+    train_ds = build_train_dataset(cfg, data, train_x, train_y, spec, train_targets)
+    if isinstance(train_ds, CrackPaintingDataset):
+        counts = train_ds.expected_counts(n_classes)
+    inv_freq = counts.sum() / (n_classes * counts)
     val_ds = PreparedImageDataset(val_x, val_y, spec)
     train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, inv_freq, device)
 

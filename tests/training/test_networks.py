@@ -11,6 +11,7 @@ from cellinspect.training.networks import (
     aux_cam_head,
     create_model,
     parse_arch,
+    resnet18_half,
 )
 
 
@@ -83,3 +84,21 @@ def test_aux_cam_head_leaves_a_seeded_models_weights_and_later_draws_unchanged()
     state = with_head.state_dict()
     assert all(torch.equal(value, state[key]) for key, value in plain.state_dict().items())
     assert set(state) - set(plain.state_dict()) == {"aux_cam.weight", "aux_cam.bias"}
+
+
+def test_resnet18_half_has_half_the_channels_and_a_quarter_of_the_weights() -> None:
+    full, half = (create_model(a, num_classes=2, in_chans=1) for a in ("resnet18", "resnet18_half"))
+    for stage in ("conv1", "layer1", "layer2", "layer3", "layer4"):
+        full_out = [m for m in getattr(full, stage).modules() if isinstance(m, torch.nn.Conv2d)]
+        half_out = [m for m in getattr(half, stage).modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [2 * m.out_channels for m in half_out] == [m.out_channels for m in full_out]
+    ratio = sum(p.numel() for p in half.parameters()) / sum(p.numel() for p in full.parameters())
+    assert 0.24 < ratio < 0.26
+    # initialised like torchvision's own ResNet layers (He, fan-out), not PyTorch's default
+    weight = half.layer4[1].conv2.weight
+    assert abs(float(weight.detach().std()) - (2 / (256 * 9)) ** 0.5) < 0.002
+
+
+def test_resnet18_half_has_no_published_weights() -> None:
+    with pytest.raises(ValueError, match="no published weights"):
+        resnet18_half(weights="IMAGENET1K_V1")

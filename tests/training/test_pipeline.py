@@ -25,7 +25,7 @@ from cellinspect.training.data import (
     PreparedImageDataset,
     load_training_data,
     prepare_all,
-    reseed_worker_augmentation,
+    reseed_worker,
 )
 from cellinspect.training.export import ExportParityError, export_run
 from cellinspect.training.fit import BEST, CONFIG, LAST, METRICS, build_spec, fit
@@ -208,7 +208,7 @@ def test_loader_workers_draw_different_but_repeatable_augmentations() -> None:
             batch_size=2,
             num_workers=2,
             generator=torch.Generator().manual_seed(0),
-            worker_init_fn=reseed_worker_augmentation,
+            worker_init_fn=reseed_worker,
         )
         return [images for images, _ in loader]
 

@@ -36,7 +36,8 @@ def train(
     config: Path | None = typer.Option(None, "--config", help="YAML file of training options."),
     arch: str | None = typer.Option(
         None,
-        help="resnet18, resnet34, resnet50, mobilenet_v3_small, mobilenet_v3_large or efficientnet_b0.",
+        help="resnet18, resnet18_half, resnet34, resnet50, mobilenet_v3_small, "
+        "mobilenet_v3_large or efficientnet_b0.",
     ),
     epochs: int | None = typer.Option(None, min=1, help="Maximum epochs [15]."),
     img_size: str | None = typer.Option(None, help="Input size: 128 or HxW like 128x256 [128]."),

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
@@ -176,13 +176,18 @@ def validate(
     pred = probs.argmax(1)
     n_classes = probs.shape[1]
     nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean()
-    return {
+    record = {
         "val_loss": float(nll),
         "val_accuracy": float(accuracy_score(labels, pred)),
         "val_macro_f1": float(
             f1_score(labels, pred, average="macro", labels=range(n_classes), zero_division=0)
         ),
     }
+    if n_classes == 2 and len(np.unique(labels)) == 2:
+        # Threshold-free: with a class-weighted loss the 0.5 boundary that accuracy and F1
+        # use can land anywhere, and the export picks its own operating point.
+        record["val_roc_auc"] = float(roc_auc_score(labels, probs[:, 1]))
+    return record
 
 
 def build_train_dataset(

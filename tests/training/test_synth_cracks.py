@@ -1,4 +1,5 @@
-"""Training with synthetic cracks painted on a share of the good images (`synth_cracks`)."""
+"""Training with synthetic cracks painted on a share of the good images (`synth_cracks`), and
+the threshold-free validation figure such binary runs are judged by."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from cellinspect.datasets.preprocess import PreprocessSpec
 from cellinspect.datasets.samples import Sample, Split
 from cellinspect.training.config import ConfigError, TrainConfig, resolve_config
 from cellinspect.training.data import CrackPaintingDataset, reseed_worker
-from cellinspect.training.fit import CONFIG, fit
+from cellinspect.training.fit import CONFIG, fit, validate
 
 SPEC = PreprocessSpec(height=32, width=32, channels=1, mean=(0.0,), std=(1.0,))
 GOOD, DEFECTIVE = 1, 0
@@ -127,3 +128,27 @@ def test_fit_refuses_synthetic_cracks_for_more_than_two_classes(tmp_path) -> Non
     manifest = _flat_set(tmp_path, ["good", "crack", "dent"])
     with pytest.raises(ValueError, match=r"manifest.json: synth_cracks needs two classes.*3"):
         fit(_cfg(tmp_path, manifest), progress=False)
+
+
+def _validate_logits(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    x = torch.from_numpy(logits.astype(np.float32))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, torch.from_numpy(labels)), batch_size=4
+    )
+    return validate(torch.nn.Identity(), loader, labels, torch.device("cpu"))
+
+
+def test_binary_validation_reports_the_threshold_free_roc_auc() -> None:
+    # Every defective (1) scores above every good one, but all sit below p = 0.5.
+    logits = np.array([[2.0, -2.0], [1.5, -1.0], [1.0, 0.2], [0.9, 0.5], [0.8, 0.6]])
+    labels = np.array([0, 0, 1, 1, 1])
+    record = _validate_logits(logits, labels)
+    assert record["val_roc_auc"] == 1.0 and record["val_accuracy"] == 0.4
+    flipped = _validate_logits(logits, 1 - labels)
+    assert flipped["val_roc_auc"] == 0.0
+
+
+def test_no_roc_auc_for_more_than_two_classes_or_one_present() -> None:
+    three = _validate_logits(np.eye(3)[[0, 1, 2, 1]], np.array([0, 1, 2, 1]))
+    assert "val_roc_auc" not in three and three["val_accuracy"] == 1.0
+    assert "val_roc_auc" not in _validate_logits(np.eye(2)[[0, 0]], np.array([0, 0]))

@@ -198,16 +198,11 @@ def build_train_dataset(
     spec: PreprocessSpec,
     targets: np.ndarray | None,
 ) -> PreparedImageDataset:
-    """The augmented training set; with `synth_cracks`, one that paints cracks on a share
-    of the good images (binary tasks only)."""
+    """The augmented training set; with `synth_cracks` (binary tasks), one that paints
+    cracks on a share of the good images."""
     augment = build_augmentation(cfg.augment, seed=cfg.seed)
     if not cfg.synth_cracks:
         return PreparedImageDataset(images, labels, spec, augment, targets)
-    if len(data.class_names) != 2:
-        raise ValueError(
-            f"{data.manifest_path}: synth_cracks needs two classes (good and defective), "
-            f"not {len(data.class_names)}: {data.class_names}"
-        )
     good = data.class_names.index(data.good_class)
     return CrackPaintingDataset(
         images,
@@ -285,6 +280,11 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
     data = load_training_data(cfg)
     spec = build_spec(cfg, data)
     n_classes = len(data.class_names)
+    if cfg.synth_cracks and n_classes != 2:  # before minutes of decoding
+        raise ValueError(
+            f"{data.manifest_path}: synth_cracks needs two classes (good and defective), "
+            f"not {n_classes}: {data.class_names}"
+        )
     train_y, val_y = data.labels(Split.TRAIN), data.labels(Split.VAL)
     t0 = time.perf_counter()
     train_x = prepare_all(data.splits[Split.TRAIN], spec, max_pixels=cfg.max_pixels)

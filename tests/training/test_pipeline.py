@@ -22,6 +22,7 @@ from cellinspect.models.store import ModelStore
 from cellinspect.training.augment import AugmentPreset, build_augmentation
 from cellinspect.training.config import TrainConfig
 from cellinspect.training.data import (
+    CrackPaintingDataset,
     PreparedImageDataset,
     load_training_data,
     prepare_all,
@@ -192,15 +193,18 @@ def test_training_with_the_same_seed_repeats_exactly(tiny_data, tmp_path) -> Non
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
-def test_loader_workers_draw_different_but_repeatable_augmentations() -> None:
+@pytest.mark.parametrize("kind", ["augmentation", "crack painting"])
+def test_loader_workers_draw_different_but_repeatable_random_changes(kind: str) -> None:
     spec = PreprocessSpec(height=32, width=32, channels=1)
     same_image = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (4, 32, 1))[..., None]
-    dataset = PreparedImageDataset(
-        same_image,
-        np.zeros(4, dtype=np.int64),
-        spec,
-        build_augmentation(AugmentPreset.ISOTROPIC, seed=0),
-    )
+    labels = np.zeros(4, dtype=np.int64)
+    if kind == "augmentation":
+        augment = build_augmentation(AugmentPreset.ISOTROPIC, seed=0)
+        dataset = PreparedImageDataset(same_image, labels, spec, augment)
+    else:  # every image is good and nearly every draw paints a crack
+        dataset = CrackPaintingDataset(
+            same_image, labels, spec, share=0.99, good=0, defective=1, seed=0
+        )
 
     def batches() -> list[torch.Tensor]:
         loader = DataLoader(

@@ -186,6 +186,11 @@ class PreparedImageDataset(Dataset):
             image = np.clip(image, 0.0, 1.0)
         return torch.from_numpy(normalize(image, self.spec))
 
+    def expected_counts(self, n_classes: int) -> np.ndarray:
+        """Images per class in an average epoch: what inverse-frequency class weights
+        should balance."""
+        return np.bincount(self.labels, minlength=n_classes).astype(np.float64)
+
     def reseed(self, seed: int) -> None:
         """Give this copy of the dataset (one per loader worker) its own random streams."""
         if self.augment is not None:
@@ -232,9 +237,9 @@ class CrackPaintingDataset(PreparedImageDataset):
         self.rng = np.random.default_rng(seed)
 
     def expected_counts(self, n_classes: int) -> np.ndarray:
-        """Images per class in an average epoch, after a `share` of the good ones moved to
-        the defective class: what inverse-frequency class weights should balance."""
-        counts = np.bincount(self.labels, minlength=n_classes).astype(np.float64)
+        """As the base class's, after a `share` of the good images moved to the defective
+        class."""
+        counts = super().expected_counts(n_classes)
         moved = counts[self.good] * self.share
         counts[self.good] -= moved
         counts[self.defective] += moved

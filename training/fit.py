@@ -300,8 +300,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
         data.soft_targets(Split.TRAIN, cfg.soft_label_key) if cfg.soft_label_key else None
     )
     train_ds = build_train_dataset(cfg, data, train_x, train_y, spec, train_targets)
-    if isinstance(train_ds, CrackPaintingDataset):
-        counts = train_ds.expected_counts(n_classes)
+    counts = train_ds.expected_counts(n_classes)
     inv_freq = counts.sum() / (n_classes * counts)
     val_ds = PreparedImageDataset(val_x, val_y, spec)
     train_loader, val_loader = build_loaders(cfg, train_ds, val_ds, inv_freq, device)

@@ -40,6 +40,30 @@ _HEATMAP_DESCRIPTIONS = {
 }
 
 
+class ViewSet(StrEnum):
+    """Symmetric views of the input that the exported graph runs and averages (test-time
+    augmentation inside the ONNX file, so serving stays one call): the logits are averaged,
+    each view's heatmap is turned back and the maps are averaged. Named after the training
+    augmentation presets whose symmetries they are (training/views.py makes them)."""
+
+    NONE = "none"  # the image as it is
+    FLIPS = "flips"  # identity, both mirror flips, 180 degrees: 4 views, any aspect ratio
+    ISOTROPIC = "isotropic"  # all 8 flips and quarter turns: square inputs only
+
+    @property
+    def count(self) -> int:
+        return {ViewSet.NONE: 1, ViewSet.FLIPS: 4, ViewSet.ISOTROPIC: 8}[self]
+
+
+def check_views_fit(views: ViewSet, height: int, width: int) -> None:
+    """Quarter turns swap height and width: refused for a non-square input."""
+    if views is ViewSet.ISOTROPIC and height != width:
+        raise ValueError(
+            f"test-time views {views.value!r} turn the image by 90 degrees, which needs a square "
+            f"input, not {height}x{width}; use {ViewSet.FLIPS.value!r}"
+        )
+
+
 class Task(StrEnum):
     CLASSIFICATION = "classification"
 
@@ -182,6 +206,8 @@ class ModelCard(BaseModel):
     quantization: str | None = None  # e.g. "int8-qdq-s8s8"; None: the exported float model
     # The map in the heatmap output; None: no such output, or a card from before this field.
     heatmap: HeatmapSource | None = None
+    # Test-time views averaged inside the graph; a card from before this field had none.
+    test_time_views: ViewSet = ViewSet.NONE
 
     @model_validator(mode="after")
     def _good_class_known(self) -> ModelCard:
@@ -209,6 +235,11 @@ class ModelCard(BaseModel):
             raise ValueError(
                 f"heatmap {self.heatmap.value!r} named, but no {HEATMAP_NAME!r} output"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _views_fit_the_input(self) -> ModelCard:
+        check_views_fit(self.test_time_views, self.preprocessing.height, self.preprocessing.width)
         return self
 
     @property

@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from cellinspect.datasets.preprocess import ResizeMode
+from cellinspect.models.card import ViewSet, check_views_fit
 from cellinspect.training.augment import AugmentPreset
 from cellinspect.training.networks import Arch
 
@@ -93,6 +94,9 @@ class TrainConfig(BaseModel):
     cost_ratio: float | None = Field(None, gt=0)  # cost of scrapping a good cell / of an escape
     max_escape: float | None = Field(None, ge=0, le=1)  # highest share of defects passed
     target_auto_accuracy: float | None = Field(None, gt=0, le=1)  # review band: auto accuracy
+    # Test-time views the exported graph averages (models.card.ViewSet); export's --views
+    # overrides it. Not used in training: validation during training sees the plain image.
+    test_time_views: ViewSet = ViewSet.NONE
 
     @field_validator("img_size", mode="before")
     @classmethod
@@ -123,6 +127,11 @@ class TrainConfig(BaseModel):
                 "synth_cracks moves good images to the defective class after sampling, so "
                 "balance: sampler would not balance the classes; use balance: loss or none"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_views(self) -> TrainConfig:
+        check_views_fit(self.test_time_views, *self.img_size)
         return self
 
     @property

@@ -11,7 +11,7 @@ import logging
 import subprocess
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from cellinspect.models.card import (
     EvalMetrics,
     HeatmapSource,
     ModelCard,
+    ViewSet,
 )
 from cellinspect.models.leakage import TRAINING_HASHES_FILE, training_hashes_text
 from cellinspect.models.metrics import evaluate_predictions
@@ -46,6 +47,7 @@ from cellinspect.models.predict import LoadedModel, softmax
 from cellinspect.models.store import ModelStore
 from cellinspect.training.fit import BEST
 from cellinspect.training.networks import ExportableClassifier, create_model, has_aux_cam_weights
+from cellinspect.training.views import with_views
 
 log = logging.getLogger(__name__)
 # The exporter's graph passes log every rewrite at INFO: noise for the person exporting.
@@ -104,6 +106,14 @@ class Checkpoint:
             manifest_hash=state["manifest_hash"],
             epoch=state["epoch"],
         )
+
+    def with_views(self, views: ViewSet | None) -> tuple[Checkpoint, ViewSet]:
+        """This checkpoint exporting `views` (None: the training config's
+        `test_time_views`, none for runs from before that key), and the views chosen."""
+        if views is None:
+            views = ViewSet(self.config.get("test_time_views", ViewSet.NONE))
+        model = with_views(self.model, views, (self.spec.height, self.spec.width))
+        return replace(self, model=model), views
 
 
 def code_commit() -> str | None:
@@ -352,15 +362,16 @@ def export_run(
     cost_ratio: float | None = None,
     max_escape: float | None = None,
     target_auto_accuracy: float | None = None,
+    views: ViewSet | None = None,
 ) -> ModelCard:
     """Export the run's best checkpoint, gate on parity, calibrate on the validation split,
     evaluate, and publish a new version.
 
-    Operating-point criteria not given here are read from the training config when it has
-    them; with none, the default point is kept (see `calibrate`).
+    Operating-point criteria and test-time `views` not given here are read from the training
+    config when it has them; with no criteria, the default point is kept (see `calibrate`).
     """
     run_dir = Path(run_dir)
-    ckpt = Checkpoint.load(run_dir)
+    ckpt, views = Checkpoint.load(run_dir).with_views(views)
     criteria = {
         "cost_ratio": cost_ratio,
         "max_escape": max_escape,
@@ -388,6 +399,7 @@ def export_run(
         code_commit=code_commit(),
         output_names=output_names(ckpt.model),
         heatmap=heatmap_source(ckpt.model),
+        test_time_views=views,
     )
     with tempfile.TemporaryDirectory(prefix="cellinspect-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"

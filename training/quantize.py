@@ -32,6 +32,7 @@ from cellinspect.models.card import (
     LOGITS_NAME,
     PROBABILITIES_NAME,
     ModelCard,
+    ViewSet,
 )
 from cellinspect.models.evaluate import measure_throughput
 from cellinspect.models.predict import LoadedModel
@@ -365,6 +366,7 @@ def export_int8(
     cost_ratio: float | None = None,
     max_escape: float | None = None,
     target_auto_accuracy: float | None = None,
+    views: ViewSet | None = None,
 ) -> tuple[ModelCard, ModelCard]:
     """Export the run to FP32 (parity-gated, as `export_run`), quantize it to INT8, gate on
     top-1 agreement on the validation split, evaluate, and publish both: (fp32, int8) cards.
@@ -380,7 +382,9 @@ def export_int8(
     with tempfile.TemporaryDirectory(prefix="cellinspect-int8-") as tmp:
         # The FP32 export goes to a private store first, so a refused INT8 publishes nothing.
         staging = ModelStore(Path(tmp) / "staging")
-        fp32_card = export_run(run_dir, store=staging, name=name, heldout=heldout, **criteria)
+        fp32_card = export_run(
+            run_dir, store=staging, name=name, heldout=heldout, views=views, **criteria
+        )
         _, fp32_path = staging.load_verified(f"{name}@{fp32_card.version}")
 
         ckpt = Checkpoint.load(run_dir)

@@ -14,9 +14,10 @@ from torch.utils.data import DataLoader
 from cellinspect.cli.data import synthesize
 from cellinspect.datasets.decode import read_image
 from cellinspect.datasets.manifest import load_manifest
-from cellinspect.datasets.preprocess import PreprocessSpec
+from cellinspect.datasets.preprocess import PreprocessSpec, preprocess_batch
 from cellinspect.datasets.samples import Split
 from cellinspect.datasets.synth import SynthKind
+from cellinspect.models.card import HEATMAP_NAME, INPUT_NAME, LOGITS_NAME, ViewSet
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.store import ModelStore
 from cellinspect.training.augment import AugmentPreset, build_augmentation
@@ -149,6 +150,38 @@ def test_export_refuses_to_publish_when_parity_fails(trained_run, tmp_path) -> N
     store = ModelStore(tmp_path / "store")
     with pytest.raises(ExportParityError, match="nothing was published"):
         export_run(trained_run.run_dir, store=store, name="tiny-electrode", tolerance=-1.0)
+    assert store.list_models() == []
+
+
+def test_exported_views_average_the_plain_graph_over_flipped_images(trained_run, tmp_path) -> None:
+    store = ModelStore(tmp_path / "store")
+    plain = export_run(trained_run.run_dir, store=store, name="tiny-electrode")
+    card = export_run(trained_run.run_dir, store=store, name="tiny-electrode", views=ViewSet.FLIPS)
+    assert plain.test_time_views is ViewSet.NONE and card.test_time_views is ViewSet.FLIPS
+    assert card.parity["max_abs_diff"] <= 1e-4 and card.output_names == plain.output_names
+    samples = load_training_data(trained_run).splits[Split.VAL][:4]
+    batch = preprocess_batch([read_image(s.path) for s in samples], card.preprocessing)
+    flipped = [batch, batch[..., ::-1, ::-1], batch[..., ::-1], batch[..., ::-1, :]]
+    names = [LOGITS_NAME, HEATMAP_NAME]
+    base = LoadedModel.load(store, "tiny-electrode@1").session
+    outputs = [base.run(names, {INPUT_NAME: np.ascontiguousarray(b)}) for b in flipped]
+    logits, heatmap = LoadedModel.load(store, "tiny-electrode@2").session.run(
+        names, {INPUT_NAME: batch}
+    )
+    np.testing.assert_allclose(logits, np.mean([o[0] for o in outputs], axis=0), atol=1e-4)
+    unflipped = [outputs[0][1], outputs[1][1][:, ::-1, ::-1], outputs[2][1][..., ::-1]]
+    unflipped.append(outputs[3][1][:, ::-1, :])
+    np.testing.assert_allclose(heatmap, np.mean(unflipped, axis=0), atol=1e-4)
+
+
+def test_export_refuses_quarter_turns_of_a_rectangular_input(tiny_data, tmp_path) -> None:
+    cfg = TrainConfig(
+        data=str(tiny_data), out=str(tmp_path / "run"), epochs=1, img_size="48x64", workers=0
+    )
+    fit(cfg, progress=False)
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(ValueError, match="needs a square input, not 48x64"):
+        export_run(cfg.run_dir, store=store, name="x", views=ViewSet.ISOTROPIC)
     assert store.list_models() == []
 
 

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from cellinspect.cli import qa
 from cellinspect.cli.common import console, store_root
-from cellinspect.models.card import ModelCard, OperatingPoint, TradeOffPoint
+from cellinspect.models.card import ModelCard, OperatingPoint, TradeOffPoint, ViewSet
 from cellinspect.models.compare import GateMetric
 from cellinspect.models.store import ModelStore, parse_model_ref
 
@@ -111,6 +111,11 @@ def render_card(card: ModelCard) -> None:
     console.print(f"classes    {', '.join(card.class_names)}  (good: {card.good_class})")
     if card.heatmap is not None:
         console.print(f"heatmap    {card.heatmap.value}: {card.heatmap.description}")
+    if card.test_time_views is not ViewSet.NONE:
+        console.print(
+            f"views      {card.test_time_views.value}: {card.test_time_views.count} views of "
+            "each image averaged inside the graph (that many forward passes)"
+        )
     render_calibration(card)
     render_operating_point(card.operating_point)
     if card.calibration and card.calibration.trade_off:

@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from cellinspect.cli.common import console, err_console, home, store_root
 from cellinspect.datasets.synth import SynthKind
+from cellinspect.models.card import ViewSet
 
 DEMO_MODEL = "electrode-defects"
 
@@ -96,6 +97,14 @@ def export(
         "calibrated on training images) as the next version. Refused, and nothing published, "
         "unless its top-1 agrees with the FP32 model on at least 99% of the validation split.",
     ),
+    views: ViewSet | None = typer.Option(
+        None,
+        help="Test-time views averaged inside the ONNX graph: none; flips (4 views: mirrors "
+        "and 180 degrees, any aspect ratio); isotropic (8 views: also quarter turns, square "
+        "inputs only). Each view costs one more forward pass per image. Default: the "
+        "training config's test_time_views (none if it has none).",
+        case_sensitive=False,
+    ),
 ) -> None:
     """Export to ONNX, check parity with PyTorch, evaluate with ONNX Runtime, publish a version.
 
@@ -108,7 +117,7 @@ def export(
     parse_model_ref(name)  # refuse a bad name before minutes of work
     model_store = ModelStore(store_root(store))
     if quantize is Quantize.NONE:
-        card = export_run(run_dir, store=model_store, name=name, heldout=heldout)
+        card = export_run(run_dir, store=model_store, name=name, heldout=heldout, views=views)
         console.print(f"published {card.name}@{card.version} (sha256 {card.onnx_sha256[:12]})")
         render_card(card)
         return
@@ -116,7 +125,9 @@ def export(
     from cellinspect.training.quantize import QuantizationGateError, export_int8
 
     try:
-        fp32, card = export_int8(run_dir, store=model_store, name=name, heldout=heldout)
+        fp32, card = export_int8(
+            run_dir, store=model_store, name=name, heldout=heldout, views=views
+        )
     except QuantizationGateError as exc:
         err_console.print(f"[bold red]refused:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from exc

@@ -12,6 +12,9 @@ each, after a warm-up, on the same random batch for both models. Prints Markdown
     python benchmarks/bench_int8.py --fp32-onnx fp32.onnx --int8-onnx int8.onnx \\
         --threads 1,2 --batch 1,8
 
+Any two versions of one model compare the same way; --labels names them in the tables (e.g.
+`--labels plain,flips` for an export without and with test-time views).
+
 Only what a run measures, on the machine it ran on: compare rows from one run, and pin the
 process (taskset) when other work shares the cores.
 """
@@ -42,7 +45,7 @@ from cellinspect.models.store import ModelStore
 
 @dataclass(frozen=True)
 class Contender:
-    label: str  # "FP32" or "INT8"
+    label: str  # "FP32" or "INT8", or --labels
     onnx_path: Path
     spec: PreprocessSpec
     class_names: list[str]
@@ -100,8 +103,9 @@ def speed_table(
     fp32: Contender, int8: Contender, threads: list[int], batches: list[int], args
 ) -> str:
     rng = np.random.default_rng(0)
+    a, b = fp32.label.split()[0], int8.label.split()[0]
     rows = [
-        "| intra-op threads | batch | FP32 images/s | INT8 images/s | INT8 / FP32 |",
+        f"| intra-op threads | batch | {a} images/s | {b} images/s | {b} / {a} |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for n in threads:
@@ -142,7 +146,8 @@ def accuracy_table(fp32: Contender, int8: Contender, manifest_path: Path, split:
         m = evaluate_predictions(labels, softmax(logits), c.class_names, data)
         rows.append(f"| {c.label} | {len(samples)} | {m.accuracy:.4f} | {m.macro_f1:.4f} |")
     same = float(np.mean(top1[fp32.label] == top1[int8.label]))
-    return "\n".join(rows) + f"\n\nTop-1 agreement INT8 vs FP32 on {split}: {same:.2%}"
+    a, b = fp32.label.split()[0], int8.label.split()[0]
+    return "\n".join(rows) + f"\n\nTop-1 agreement {b} vs {a} on {split}: {same:.2%}"
 
 
 def cpu_line() -> str:
@@ -171,30 +176,34 @@ def main() -> None:
     parser.add_argument("--run-seconds", type=float, default=1.0, help="length of one run")
     parser.add_argument("--manifest", type=Path, help="also score both on this manifest's split")
     parser.add_argument("--split", default=Split.TEST.value, help="test, val, train or all")
+    parser.add_argument("--labels", default="FP32,INT8", help="names of the two models")
     parser.add_argument(
         "--without-heatmap", action="store_true", help="time both without the heatmap output"
     )
     args = parser.parse_args()
 
+    labels = args.labels.split(",")
+    if len(set(labels)) != 2 or not all(label.strip() and " " not in label for label in labels):
+        parser.error("--labels takes two different names without spaces, e.g. FP32,INT8")
     if args.fp32_onnx and args.int8_onnx and not args.refs:
-        fp32, int8 = from_onnx("FP32", args.fp32_onnx), from_onnx("INT8", args.int8_onnx)
+        fp32, int8 = from_onnx(labels[0], args.fp32_onnx), from_onnx(labels[1], args.int8_onnx)
     elif len(args.refs) == 2 and not (args.fp32_onnx or args.int8_onnx):
         store = ModelStore(args.store)
         fp32, int8 = (
-            from_store("FP32", store, args.refs[0]),
-            from_store("INT8", store, args.refs[1]),
+            from_store(labels[0], store, args.refs[0]),
+            from_store(labels[1], store, args.refs[1]),
         )
     else:
         parser.error("give FP32_REF INT8_REF, or --fp32-onnx and --int8-onnx")
     if fp32.spec != int8.spec or fp32.class_names != int8.class_names:
-        parser.error("the two models differ in preprocessing or classes: not a quantized pair")
+        parser.error("the two models differ in preprocessing or classes: not one model")
 
     if args.without_heatmap:
         folder = Path(tempfile.mkdtemp(prefix="bench-int8-"))
         fp32, int8 = without_heatmap(fp32, folder), without_heatmap(int8, folder)
     threads = [int(t) for t in args.threads.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
-    print(f"## FP32 vs INT8 on {cpu_line()}\n")
+    print(f"## {labels[0]} vs {labels[1]} on {cpu_line()}\n")
     print(f"{fp32.label}: {fp32.onnx_path} ({fp32.onnx_path.stat().st_size / 1e6:.1f} MB)")
     print(f"{int8.label}: {int8.onnx_path} ({int8.onnx_path.stat().st_size / 1e6:.1f} MB)")
     print(f"input N x {' x '.join(map(str, fp32.spec.input_shape))}, median of {args.runs} runs\n")

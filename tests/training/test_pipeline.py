@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from typer.testing import CliRunner
 
+from cellinspect.cli import app
 from cellinspect.cli.data import synthesize
 from cellinspect.datasets.decode import read_image
 from cellinspect.datasets.manifest import load_manifest
@@ -172,6 +174,10 @@ def test_exported_views_average_the_plain_graph_over_flipped_images(trained_run,
     unflipped = [outputs[0][1], outputs[1][1][:, ::-1, ::-1], outputs[2][1][..., ::-1]]
     unflipped.append(outputs[3][1][:, ::-1, :])
     np.testing.assert_allclose(heatmap, np.mean(unflipped, axis=0), atol=1e-4)
+    shown = CliRunner().invoke(
+        app, ["models", "show", "tiny-electrode@2", "--store", str(store.root)]
+    )
+    assert shown.exit_code == 0 and "views      flips: 4 averaged in the graph" in shown.output
 
 
 def test_export_refuses_quarter_turns_of_a_rectangular_input(tiny_data, tmp_path) -> None:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
-from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, PROBABILITIES_NAME, ViewSet
+from cellinspect.datasets.preprocess import PreprocessSpec
+from cellinspect.models.card import (
+    HEATMAP_NAME,
+    LOGITS_NAME,
+    PROBABILITIES_NAME,
+    ModelCard,
+    ViewSet,
+)
 from cellinspect.training.config import TrainConfig
 from cellinspect.training.views import VIEW_INDICES, ViewAveraged, unview, view, with_views
 
@@ -74,3 +83,25 @@ def test_training_config_refuses_quarter_turns_of_a_rectangle() -> None:
         TrainConfig(data="d", out="o", img_size="48x64", test_time_views="isotropic")
     cfg = TrainConfig(data="d", out="o", img_size=64, test_time_views="isotropic")
     assert cfg.test_time_views is ViewSet.ISOTROPIC
+
+
+def _card(views: str, height: int, width: int) -> ModelCard:
+    return ModelCard(
+        name="m",
+        arch="resnet18_half",
+        class_names=["defective", "functional"],
+        good_class="functional",
+        preprocessing=PreprocessSpec(height=height, width=width),
+        opset=18,
+        test_time_views=views,
+    )
+
+
+def test_card_records_views_and_older_cards_had_none() -> None:
+    card = _card("flips", 48, 64)
+    assert ModelCard.model_validate_json(card.to_json()).test_time_views is ViewSet.FLIPS
+    older = json.loads(card.to_json())
+    del older["test_time_views"]
+    assert ModelCard.model_validate(older).test_time_views is ViewSet.NONE
+    with pytest.raises(ValueError, match="needs a square input, not 48x64"):
+        _card("isotropic", 48, 64)

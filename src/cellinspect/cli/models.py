@@ -112,9 +112,9 @@ def render_card(card: ModelCard) -> None:
     if card.heatmap is not None:
         console.print(f"heatmap    {card.heatmap.value}: {card.heatmap.description}")
     if card.test_time_views is not ViewSet.NONE:
+        views = card.test_time_views
         console.print(
-            f"views      {card.test_time_views.value}: {card.test_time_views.count} views of "
-            "each image averaged inside the graph (that many forward passes)"
+            f"views      {views.value}: {views.count} averaged in the graph ({views.count}x compute)"
         )
     render_calibration(card)
     render_operating_point(card.operating_point)

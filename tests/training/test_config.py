@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cellinspect.training.config import ConfigError, TrainConfig, resolve_config
@@ -63,3 +65,11 @@ def test_optimizer_from_yaml_builds_nesterov_sgd_and_bad_names_list_choices(tmp_
     assert type(default).__name__ == "AdamW"
     with pytest.raises(ConfigError, match="optimizer.*adamw.*sgd"):
         resolve_config(overrides={"data": "d", "out": "o", "optimizer": "adam"})
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted((Path(__file__).parents[2] / "training" / "recipes").glob("*.yaml"))
+)
+def test_every_shipped_recipe_is_a_valid_config(recipe: Path) -> None:
+    cfg = resolve_config(yaml_path=recipe, overrides={"data": "d", "out": "o"})
+    assert cfg.epochs >= 1

@@ -321,10 +321,13 @@ def evaluate_card(
     criteria: dict[str, float | None],
     *,
     reliability_plot: Path | None = None,
+    score_test: bool = True,
 ) -> None:
     """Fill `card`'s temperature, operating point and val/test/held-out metrics through ORT.
 
     One function for every exported model (FP32 and INT8), so QA compares like with like.
+    Without `score_test` the test split is not read: screening variants on validation
+    leaves it unseen until the final figures.
     """
     val = by_split[Split.VAL]
     if val:
@@ -336,7 +339,7 @@ def evaluate_card(
         card.metrics[Split.VAL.value] = evaluate_predictions(
             labels, loaded.probabilities(logits), card.class_names, data
         )
-    if by_split[Split.TEST]:
+    if score_test and by_split[Split.TEST]:
         card.metrics[Split.TEST.value] = evaluate_split(
             loaded, by_split[Split.TEST], manifest, Split.TEST.value, max_pixels
         )
@@ -363,9 +366,10 @@ def export_run(
     max_escape: float | None = None,
     target_auto_accuracy: float | None = None,
     views: ViewSet | None = None,
+    score_test: bool = True,
 ) -> ModelCard:
     """Export the run's best checkpoint, gate on parity, calibrate on the validation split,
-    evaluate, and publish a new version.
+    evaluate (the test split too unless `score_test` is off), and publish a new version.
 
     Operating-point criteria and test-time `views` not given here are read from the training
     config when it has them; with no criteria, the default point is kept (see `calibrate`).
@@ -426,5 +430,6 @@ def export_run(
             max_pixels,
             criteria,
             reliability_plot=run_dir / RELIABILITY_PLOT,
+            score_test=score_test,
         )
         return store.publish(onnx_path, card, extra_files=training_files(manifest))

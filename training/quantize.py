@@ -367,6 +367,7 @@ def export_int8(
     max_escape: float | None = None,
     target_auto_accuracy: float | None = None,
     views: ViewSet | None = None,
+    score_test: bool = True,
 ) -> tuple[ModelCard, ModelCard]:
     """Export the run to FP32 (parity-gated, as `export_run`), quantize it to INT8, gate on
     top-1 agreement on the validation split, evaluate, and publish both: (fp32, int8) cards.
@@ -383,7 +384,13 @@ def export_int8(
         # The FP32 export goes to a private store first, so a refused INT8 publishes nothing.
         staging = ModelStore(Path(tmp) / "staging")
         fp32_card = export_run(
-            run_dir, store=staging, name=name, heldout=heldout, views=views, **criteria
+            run_dir,
+            store=staging,
+            name=name,
+            heldout=heldout,
+            views=views,
+            score_test=score_test,
+            **criteria,
         )
         _, fp32_path = staging.load_verified(f"{name}@{fp32_card.version}")
 
@@ -421,7 +428,9 @@ def export_int8(
         if found.max_abs_heatmap_diff is not None:
             card.parity["max_abs_heatmap_diff"] = found.max_abs_heatmap_diff
         card.parity["speed_vs_fp32"] = int8_speedup(fp32_path, fp32_card, int8_path, card)
-        evaluate_card(card, int8, by_split, manifest, heldout, max_pixels, criteria)
+        evaluate_card(
+            card, int8, by_split, manifest, heldout, max_pixels, criteria, score_test=score_test
+        )
         files = training_files(manifest)
         published_fp32 = store.publish(fp32_path, fp32_card, extra_files=files)
         return published_fp32, store.publish(int8_path, card, extra_files=files)

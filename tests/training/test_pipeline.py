@@ -158,8 +158,15 @@ def test_export_refuses_to_publish_when_parity_fails(trained_run, tmp_path) -> N
 def test_exported_views_average_the_plain_graph_over_flipped_images(trained_run, tmp_path) -> None:
     store = ModelStore(tmp_path / "store")
     plain = export_run(trained_run.run_dir, store=store, name="tiny-electrode")
-    card = export_run(trained_run.run_dir, store=store, name="tiny-electrode", views=ViewSet.FLIPS)
+    card = export_run(
+        trained_run.run_dir,
+        store=store,
+        name="tiny-electrode",
+        views=ViewSet.FLIPS,
+        score_test=False,  # a screening export: the test split stays unread
+    )
     assert plain.test_time_views is ViewSet.NONE and card.test_time_views is ViewSet.FLIPS
+    assert set(plain.metrics) == {"val", "test"} and set(card.metrics) == {"val"}
     assert card.parity["max_abs_diff"] <= 1e-4 and card.output_names == plain.output_names
     samples = load_training_data(trained_run).splits[Split.VAL][:4]
     batch = preprocess_batch([read_image(s.path) for s in samples], card.preprocessing)

@@ -105,6 +105,12 @@ def export(
         "training config's test_time_views (none if it has none).",
         case_sensitive=False,
     ),
+    score_test: bool = typer.Option(
+        True,
+        "--test/--no-test",
+        help="Score the test split too (the card's test metrics). --no-test leaves it unread, "
+        "for exports that screen variants on validation before the final figures.",
+    ),
 ) -> None:
     """Export to ONNX, check parity with PyTorch, evaluate with ONNX Runtime, publish a version.
 
@@ -117,7 +123,14 @@ def export(
     parse_model_ref(name)  # refuse a bad name before minutes of work
     model_store = ModelStore(store_root(store))
     if quantize is Quantize.NONE:
-        card = export_run(run_dir, store=model_store, name=name, heldout=heldout, views=views)
+        card = export_run(
+            run_dir,
+            store=model_store,
+            name=name,
+            heldout=heldout,
+            views=views,
+            score_test=score_test,
+        )
         console.print(f"published {card.name}@{card.version} (sha256 {card.onnx_sha256[:12]})")
         render_card(card)
         return
@@ -126,7 +139,12 @@ def export(
 
     try:
         fp32, card = export_int8(
-            run_dir, store=model_store, name=name, heldout=heldout, views=views
+            run_dir,
+            store=model_store,
+            name=name,
+            heldout=heldout,
+            views=views,
+            score_test=score_test,
         )
     except QuantizationGateError as exc:
         err_console.print(f"[bold red]refused:[/] {escape(str(exc))}", soft_wrap=True)

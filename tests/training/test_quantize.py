@@ -18,7 +18,7 @@ from cellinspect.cli import app
 from cellinspect.cli.data import synthesize
 from cellinspect.datasets.preprocess import PreprocessSpec
 from cellinspect.datasets.synth import SynthKind
-from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, PROBABILITIES_NAME
+from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, PROBABILITIES_NAME, ViewSet
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.runtime import create_session
 from cellinspect.models.store import ModelStore
@@ -201,6 +201,25 @@ def test_export_int8_publishes_fp32_then_int8_evaluated_alike(published) -> None
     assert loaded.card.preprocessing == fp32.preprocessing
     ops = {n.op_type for n in onnx.load(str(store.load_verified("tiny@2")[1])).graph.node}
     assert "QuantizeLinear" in ops
+
+
+def test_int8_of_a_graph_with_test_time_views_keeps_them_and_skips_the_test_split(
+    tiny_run, tmp_path
+) -> None:
+    store = ModelStore(tmp_path / "store")
+    fp32, int8 = export_int8(
+        tiny_run,
+        store=store,
+        name="tiny",
+        calibration_samples=16,
+        gate=0.0,
+        views=ViewSet.FLIPS,
+        score_test=False,
+    )
+    assert fp32.test_time_views is int8.test_time_views is ViewSet.FLIPS
+    assert set(fp32.metrics) == set(int8.metrics) == {"val"}
+    graph = onnx.load(str(store.load_verified("tiny@2")[1])).graph
+    assert "QuantizeLinear" in {n.op_type for n in graph.node}
 
 
 def test_export_int8_refuses_below_gate_and_publishes_nothing(

@@ -121,16 +121,16 @@ def export(
     from cellinspect.training.export import export_run
 
     parse_model_ref(name)  # refuse a bad name before minutes of work
-    model_store = ModelStore(store_root(store))
+    # The same export either way; --quantize int8 adds a second version after it.
+    options = {
+        "store": ModelStore(store_root(store)),
+        "name": name,
+        "heldout": heldout,
+        "views": views,
+        "score_test": score_test,
+    }
     if quantize is Quantize.NONE:
-        card = export_run(
-            run_dir,
-            store=model_store,
-            name=name,
-            heldout=heldout,
-            views=views,
-            score_test=score_test,
-        )
+        card = export_run(run_dir, **options)
         console.print(f"published {card.name}@{card.version} (sha256 {card.onnx_sha256[:12]})")
         render_card(card)
         return
@@ -138,14 +138,7 @@ def export(
     from cellinspect.training.quantize import QuantizationGateError, export_int8
 
     try:
-        fp32, card = export_int8(
-            run_dir,
-            store=model_store,
-            name=name,
-            heldout=heldout,
-            views=views,
-            score_test=score_test,
-        )
+        fp32, card = export_int8(run_dir, **options)
     except QuantizationGateError as exc:
         err_console.print(f"[bold red]refused:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(1) from exc

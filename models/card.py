@@ -51,7 +51,8 @@ class ViewSet(StrEnum):
     ISOTROPIC = "isotropic"  # all 8 flips and quarter turns: square inputs only
 
     @property
-    def count(self) -> int:
+    def passes(self) -> int:
+        """Forward passes per image. Not `count`: that would hide str.count of the enum."""
         return {ViewSet.NONE: 1, ViewSet.FLIPS: 4, ViewSet.ISOTROPIC: 8}[self]
 
 

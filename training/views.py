@@ -8,6 +8,8 @@ card's temperature and operating point are fitted to the averaged logits.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -52,7 +54,7 @@ class ViewAveraged(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return list(self.model.output_names)
+        return list(cast(list[str], self.model.output_names))
 
     @property
     def source(self) -> object:

@@ -39,8 +39,8 @@ def test_flips_keep_the_shape_of_a_rectangle() -> None:
     for k in VIEW_INDICES[ViewSet.FLIPS]:
         assert view(image, k).shape == image.shape
         assert torch.equal(unview(view(image, k), k), image)
-    assert len(VIEW_INDICES[ViewSet.FLIPS]) == ViewSet.FLIPS.count == 4
-    assert len(VIEW_INDICES[ViewSet.ISOTROPIC]) == ViewSet.ISOTROPIC.count == 8
+    assert len(VIEW_INDICES[ViewSet.FLIPS]) == ViewSet.FLIPS.passes == 4
+    assert len(VIEW_INDICES[ViewSet.ISOTROPIC]) == ViewSet.ISOTROPIC.passes == 8
 
 
 class _Probe(nn.Module):

@@ -114,7 +114,7 @@ def render_card(card: ModelCard) -> None:
     if card.test_time_views is not ViewSet.NONE:
         views = card.test_time_views
         console.print(
-            f"views      {views.value}: {views.count} averaged in the graph ({views.count}x compute)"
+            f"views      {views.value}: {views.passes} averaged in the graph ({views.passes}x compute)"
         )
     render_calibration(card)
     render_operating_point(card.operating_point)

@@ -254,4 +254,6 @@ def reseed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info is None:  # not in a worker process
         return
-    info.dataset.reseed(info.seed % 2**32)
+    dataset = info.dataset
+    assert isinstance(dataset, PreparedImageDataset)  # every training dataset of the fit loop
+    dataset.reseed(info.seed % 2**32)

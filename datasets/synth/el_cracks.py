@@ -72,6 +72,6 @@ def paint_el_cracks(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             if 0.02 < region.mean() < 0.5:
                 soft = cv2.GaussianBlur(region, (0, 0), 1.0)
                 gain *= 1 - soft * float(rng.uniform(0.2, 0.65))
-    lines = cv2.GaussianBlur(lines, (0, 0), float(rng.uniform(0.3, 0.7)))
+    lines = np.asarray(cv2.GaussianBlur(lines, (0, 0), float(rng.uniform(0.3, 0.7))), np.float32)
     gain *= 1 - float(rng.uniform(0.2, 0.55)) * np.clip(lines, 0, 1)
     return np.clip(image * gain[:, :, None], 0, 1).astype(np.float32)

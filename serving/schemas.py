@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, StringConstraints, field_validator
 
-from cellinspect.models.card import Verdict
+from cellinspect.models.card import Verdict, ViewSet
 
 # Identifiers that come from line equipment: printable, no path separators, bounded.
 Identifier = Annotated[
@@ -138,6 +138,10 @@ class ServedModel(BaseModel):
     input_shape: list[int]
     heatmap: bool = Field(description="whether the model can answer ?heatmap=")
     operating_point: dict[str, float | str | None]
+    test_time_views: ViewSet = Field(
+        description="views of each image averaged inside the model's graph (none, flips: 4, "
+        "isotropic: 8); each costs one more forward pass"
+    )
     providers: list[str] = Field(
         description="ONNX Runtime execution providers this version runs on, preferred first; "
         "CPUExecutionProvider last runs what the others cannot (a GPU box that lists only it "

@@ -42,13 +42,15 @@ def publish_tiny(
     *,
     name: str = "tiny",
     heatmap: bool = False,
+    **card: object,
 ) -> str:
-    """Publish the tiny model as a new version of `name` (with a heatmap output if asked)."""
+    """Publish the tiny model as a new version of `name` (with a heatmap output if asked;
+    `card` overrides fields of its model card)."""
     path = build_classifier(
         tmp / f"{name}-{len(store.versions(name))}.onnx", weights=weights, heatmap=heatmap
     )
     outputs = ["logits", "probabilities", *(["heatmap"] if heatmap else [])]
-    return store.publish(path, make_card(name, output_names=outputs)).version
+    return store.publish(path, make_card(name, output_names=outputs, **card)).version
 
 
 def make_settings(home: Path, **overrides: object) -> Settings:

@@ -35,6 +35,7 @@ async def list_served(service: ServiceDep, _: StationRole) -> list[ServedModel]:
             input_shape=list(e.card.preprocessing.input_shape),
             heatmap=e.has_heatmap,
             operating_point=e.card.operating_point.model_dump(),
+            test_time_views=e.card.test_time_views,
             providers=e.loaded.session.get_providers(),
         )
         for i, e in enumerate(engines)

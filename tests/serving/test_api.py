@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from servicekit import auth, make_settings, png
+from servicekit import auth, make_settings, png, publish_tiny
 
 from cellinspect.datasets.decode import encode_png
+from cellinspect.models.store import ModelStore
 from cellinspect.serving import app as app_module
 from cellinspect.serving.app import create_app
 
@@ -280,6 +281,17 @@ def test_reload_promote_and_refused_reload(client: TestClient, home) -> None:
     models = client.get("/v1/models", headers=auth("station")).json()
     assert models[0]["version"] == "2" and models[0]["classes"] == ["good", "crack", "scratch"]
     assert models[0]["providers"] == ["CPUExecutionProvider"]
+    assert models[0]["test_time_views"] == "none"
+
+
+def test_model_list_shows_the_test_time_views_a_version_averages(
+    client: TestClient, home
+) -> None:
+    version = publish_tiny(ModelStore(home / "store"), home, test_time_views="flips")
+    r = client.post("/v1/models/tiny/reload", json={"version": version}, headers=auth("admin"))
+    assert r.status_code == 200, r.text
+    models = client.get("/v1/models", headers=auth("station")).json()
+    assert (models[0]["version"], models[0]["test_time_views"]) == (version, "flips")
 
 
 def test_a_replaced_version_is_freed_without_the_cyclic_collector(client: TestClient) -> None:

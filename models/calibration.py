@@ -41,6 +41,30 @@ MAX_STORED_PREDICTIONS = 10_000  # rows of validation logits kept in a card (~20
 MAX_BAND_GAPS = 1000
 
 
+def escape_upper_bounds(n_defect: int, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson upper bounds on the escape rate after k = 0..n_defect of
+    `n_defect` defective cells passed: the true rate is below bound[k] with probability
+    `confidence`. Rising in k; 1 at k = n_defect."""
+    from scipy.special import betaincinv  # scipy comes with scikit-learn; imported on use
+
+    k = np.arange(n_defect + 1, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bound = betaincinv(k + 1, np.maximum(n_defect - k, 1), confidence)
+    return np.where(k >= n_defect, 1.0, bound)
+
+
+def accuracy_lower_bound(correct: np.ndarray, decided: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bounds on accuracy, `correct` of `decided` cells each
+    (1 where nothing is decided: no automatic decision can be wrong)."""
+    from scipy.special import betaincinv
+
+    correct, decided = np.asarray(correct, np.float64), np.asarray(decided, np.float64)
+    wrong = decided - correct
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bound = betaincinv(np.maximum(correct, 1), wrong + 1, 1.0 - confidence)
+    return np.where(decided == 0, 1.0, np.where(correct == 0, 0.0, bound))
+
+
 class NoCalibrationDataError(ValueError):
     """A card published without validation predictions (before calibration was recorded)."""
 
@@ -316,9 +340,27 @@ class _Ranking:
         right = self.scores[gap] if gap < len(self.scores) else 1.0
         return float((left + right) / 2)
 
-    def highest_gap_within_escape(self, max_escape: float) -> int:
-        """Highest gap whose escapes (defective cells passed) stay within max_escape."""
-        allowed = math.floor(max_escape * self.n_defect + 1e-9)
+    def highest_gap_within_escape(self, max_escape: float, confidence: float | None) -> int:
+        """Highest gap whose escapes (defective cells passed) stay within max_escape: on
+        these cells, or with `confidence` for cells like them (Clopper-Pearson bound)."""
+        if confidence is None:
+            allowed = math.floor(max_escape * self.n_defect + 1e-9)
+        else:
+            bounds = escape_upper_bounds(self.n_defect, confidence)
+            allowed = int(np.count_nonzero(bounds <= max_escape + 1e-12)) - 1
+            if allowed < 0:
+                # No escape at all bounds the rate at 1 - (1 - c)^(1/n): n must be this large.
+                needed = (
+                    f"at least {math.ceil(math.log(1 - confidence) / math.log(1 - max_escape))}"
+                    if max_escape > 0
+                    else "infinitely many"
+                )
+                raise ValueError(
+                    f"{self.n_defect} defective validation cells cannot show an escape rate "
+                    f"of at most {max_escape:g} at confidence {confidence:g}, even with no "
+                    f"escape: that needs {needed} defective cells (or a lower confidence, "
+                    "or a higher max_escape)"
+                )
         gap = int(np.searchsorted(self.defects_below, allowed, side="right")) - 1
         return min(gap, self.last_gap)
 
@@ -355,9 +397,18 @@ class _Bands:
     high: np.ndarray
     review: np.ndarray  # cells inside the band
     accuracy: np.ndarray  # of the cells outside it
+    # What a target accuracy is held to: `accuracy`, or its lower confidence bound.
+    assured: np.ndarray
 
     @classmethod
-    def search(cls, r: _Ranking, *, centre_gap: int | None, max_low_gap: int) -> _Bands:
+    def search(
+        cls,
+        r: _Ranking,
+        *,
+        centre_gap: int | None,
+        max_low_gap: int,
+        confidence: float | None = None,
+    ) -> _Bands:
         gaps = np.arange(r.last_gap + 1)
         if len(gaps) > MAX_BAND_GAPS:
             extra = [g for g in (centre_gap, max_low_gap) if g is not None]
@@ -373,15 +424,19 @@ class _Bands:
         correct = r.goods_below[low] + (r.n_defect - r.defects_below[high])
         auto = r.n - review
         accuracy = np.where(auto > 0, correct / np.maximum(auto, 1), 1.0)
-        return cls(low=low, high=high, review=review, accuracy=accuracy)
+        assured = (
+            accuracy if confidence is None else accuracy_lower_bound(correct, auto, confidence)
+        )
+        return cls(low=low, high=high, review=review, accuracy=accuracy, assured=assured)
 
-    def smallest_review(self, target: float) -> int:
+    def smallest_review(self, target: float, confidence: float | None = None) -> int:
         """Index of the band with the fewest reviews reaching `target` (then most accurate)."""
-        ok = np.flatnonzero(self.accuracy >= target - 1e-12)
+        ok = np.flatnonzero(self.assured >= target - 1e-12)
         if len(ok) == 0:
+            what = "" if confidence is None else f" at confidence {confidence:g}"
             raise ValueError(
-                f"no review band reaches an auto accuracy of {target:.4f} on the validation "
-                f"split (best reachable: {self.accuracy.max():.4f})"
+                f"no review band reaches an auto accuracy of {target:.4f}{what} on the "
+                f"validation split (best reachable: {self.assured.max():.4f})"
             )
         return int(ok[np.lexsort((-self.accuracy[ok], self.review[ok]))[0]])
 
@@ -429,6 +484,7 @@ def choose_operating_point(
     cost_ratio: float | None = None,
     max_escape: float | None = None,
     target_auto_accuracy: float | None = None,
+    confidence: float | None = None,
 ) -> tuple[OperatingPoint, TradeOffCurve]:
     """Thresholds for calibrated defect probabilities `p` from validation cells with known truth.
 
@@ -439,6 +495,10 @@ def choose_operating_point(
     - target_auto_accuracy A: a review band with the smallest review rate whose auto-decided
       cells reach accuracy A; it straddles the R/E threshold if one was given, and its low end
       respects E. Without A there is no band (review_low == scrap_threshold).
+    - confidence c: E and A must hold at one-sided confidence c (Clopper-Pearson bounds on
+      the escape rate and the auto accuracy), not just on these cells. A few hundred
+      validation cells promise less than they measure: the escapes and accuracy promised
+      on them vary by several points on new cells. A bound makes the point keep its word.
 
     Returns the point (with its validation figures) and the trade-off curve: the most accurate
     band for each review budget of 0..100% under the same constraints.
@@ -451,6 +511,11 @@ def choose_operating_point(
         raise ValueError(f"max_escape must be within [0, 1], got {max_escape}")
     if target_auto_accuracy is not None and not 0 < target_auto_accuracy <= 1:
         raise ValueError(f"target_auto_accuracy must be within (0, 1], got {target_auto_accuracy}")
+    if confidence is not None:
+        if not 0 < confidence < 1:
+            raise ValueError(f"confidence must be within (0, 1), got {confidence}")
+        if max_escape is None and target_auto_accuracy is None:
+            raise ValueError("confidence bounds max_escape or target_auto_accuracy: give one")
     p, d = _check_scores(p, is_defect)
     r = _Ranking(p, d)
     max_low = r.last_gap
@@ -459,24 +524,38 @@ def choose_operating_point(
             raise ValueError(
                 "the validation data has no defective cells: escapes cannot be measured"
             )
-        max_low = r.highest_gap_within_escape(max_escape)
+        max_low = r.highest_gap_within_escape(max_escape, confidence)
     centre: tuple[int, float] | None = None
     if cost_ratio is not None:
         centre = r.cost_optimal(cost_ratio, max_low)
     elif target_auto_accuracy is None:
         centre = (max_low, r.midpoint(max_low))
-    bands = _Bands.search(r, centre_gap=None if centre is None else centre[0], max_low_gap=max_low)
+    bands = _Bands.search(
+        r,
+        centre_gap=None if centre is None else centre[0],
+        max_low_gap=max_low,
+        confidence=confidence,
+    )
     if target_auto_accuracy is None:
         assert centre is not None
         low = high = centre[1]
     else:
-        best = bands.smallest_review(target_auto_accuracy)
+        best = bands.smallest_review(target_auto_accuracy, confidence)
+        if bands.review[best] == r.n:
+            logger.warning(
+                "only reviewing every cell reaches an auto accuracy of %g%s on %d validation "
+                "cells: the point sends everything to review",
+                target_auto_accuracy,
+                "" if confidence is None else f" at confidence {confidence:g}",
+                r.n,
+            )
         low = _threshold(r, int(bands.low[best]), centre)
         high = _threshold(r, int(bands.high[best]), centre)
     given = {
         "cost_ratio": cost_ratio,
         "max_escape": max_escape,
         "target_auto_accuracy": target_auto_accuracy,
+        "confidence": confidence,
     }
     point = OperatingPoint(
         review_low=low,
@@ -485,6 +564,7 @@ def choose_operating_point(
         cost_ratio=cost_ratio,
         max_escape=max_escape,
         target_auto_accuracy=target_auto_accuracy,
+        confidence=confidence,
         **measure_figures(p, d, low, high).as_point_fields(),
     )
     return point, _trade_off(r, bands, centre)
@@ -510,6 +590,7 @@ def publish_operating_point(
     cost_ratio: float | None = None,
     max_escape: float | None = None,
     target_auto_accuracy: float | None = None,
+    confidence: float | None = None,
 ) -> ModelCard:
     """Re-choose the point of a stored version from its validation predictions; publish the
     same ONNX file with the new card as the next version (aliases are not moved)."""
@@ -521,6 +602,7 @@ def publish_operating_point(
         cost_ratio=cost_ratio,
         max_escape=max_escape,
         target_auto_accuracy=target_auto_accuracy,
+        confidence=confidence,
     )
     assert card.calibration is not None  # validation_scores checked
     new = ModelCard.model_validate(

@@ -97,6 +97,13 @@ class OperatingPoint(BaseModel):
     target_auto_accuracy: float | None = Field(
         None, ge=0, le=1, description="accuracy required of the cells decided without review"
     )
+    confidence: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="one-sided confidence at which max_escape and target_auto_accuracy hold "
+        "(None: on the validation cells themselves)",
+    )
     # What the point did on the validation split when it was chosen (None: not measured).
     val_escape_rate: float | None = Field(None, ge=0, le=1)  # defective passed / defective
     val_false_scrap_rate: float | None = Field(None, ge=0, le=1)  # good scrapped / good

@@ -94,6 +94,9 @@ class TrainConfig(BaseModel):
     cost_ratio: float | None = Field(None, gt=0)  # cost of scrapping a good cell / of an escape
     max_escape: float | None = Field(None, ge=0, le=1)  # highest share of defects passed
     target_auto_accuracy: float | None = Field(None, gt=0, le=1)  # review band: auto accuracy
+    # One-sided confidence at which max_escape and target_auto_accuracy must hold (None: on
+    # the validation cells as measured).
+    confidence: float | None = Field(None, gt=0, lt=1)
     # Test-time views the exported graph averages (models.card.ViewSet); export's --views
     # overrides it. Not used in training: validation during training sees the plain image.
     test_time_views: ViewSet = ViewSet.NONE
@@ -127,6 +130,12 @@ class TrainConfig(BaseModel):
                 "synth_cracks moves good images to the defective class after sampling, so "
                 "balance: sampler would not balance the classes; use balance: loss or none"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_confidence(self) -> TrainConfig:
+        if self.confidence is not None and self.max_escape is self.target_auto_accuracy is None:
+            raise ValueError("confidence bounds max_escape or target_auto_accuracy: set one")
         return self
 
     @model_validator(mode="after")

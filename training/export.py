@@ -263,6 +263,7 @@ def calibrate(
     cost_ratio: float | None = None,
     max_escape: float | None = None,
     target_auto_accuracy: float | None = None,
+    confidence: float | None = None,
 ) -> None:
     """Fit the card's temperature on validation logits, store them, and set its operating point.
 
@@ -289,6 +290,7 @@ def calibrate(
             cost_ratio=cost_ratio,
             max_escape=max_escape,
             target_auto_accuracy=target_auto_accuracy,
+            confidence=confidence,
         )
     card.operating_point = point
     card.calibration.trade_off = curve
@@ -365,6 +367,7 @@ def export_run(
     cost_ratio: float | None = None,
     max_escape: float | None = None,
     target_auto_accuracy: float | None = None,
+    confidence: float | None = None,
     views: ViewSet | None = None,
     score_test: bool = True,
 ) -> ModelCard:
@@ -380,6 +383,7 @@ def export_run(
         "cost_ratio": cost_ratio,
         "max_escape": max_escape,
         "target_auto_accuracy": target_auto_accuracy,
+        "confidence": confidence,
     }
     criteria = {k: v if v is not None else ckpt.config.get(k) for k, v in criteria.items()}
     manifest = load_manifest(ckpt.manifest_path)

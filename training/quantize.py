@@ -366,6 +366,7 @@ def export_int8(
     cost_ratio: float | None = None,
     max_escape: float | None = None,
     target_auto_accuracy: float | None = None,
+    confidence: float | None = None,
     views: ViewSet | None = None,
     score_test: bool = True,
 ) -> tuple[ModelCard, ModelCard]:
@@ -379,6 +380,7 @@ def export_int8(
         "cost_ratio": cost_ratio,
         "max_escape": max_escape,
         "target_auto_accuracy": target_auto_accuracy,
+        "confidence": confidence,
     }
     with tempfile.TemporaryDirectory(prefix="cellinspect-int8-") as tmp:
         # The FP32 export goes to a private store first, so a refused INT8 publishes nothing.

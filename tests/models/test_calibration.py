@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 from cellinspect.cli import app
 from cellinspect.models.calibration import (
     NoCalibrationDataError,
+    accuracy_lower_bound,
     calibration_data,
     choose_operating_point,
+    escape_upper_bounds,
     expected_calibration_error,
     fit_temperature,
     measure_figures,
@@ -190,6 +192,73 @@ def test_combined_criteria_band_straddles_the_cost_threshold_and_keeps_escapes()
     assert all(c.review_low <= alone.scrap_threshold <= c.scrap_threshold for c in curve)
 
 
+# ---- criteria held at a confidence -------------------------------------------------------
+
+
+def test_confidence_bounds_are_clopper_pearson_and_cover_the_true_rate() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    bounds = escape_upper_bounds(40, 0.95)
+    assert bounds[0] == pytest.approx(1 - 0.05 ** (1 / 40))  # no escape in 40
+    assert bounds[5] == pytest.approx(stats.beta.ppf(0.95, 6, 35)) and bounds[40] == 1.0
+    assert np.all(np.diff(bounds) > 0)
+    lower = accuracy_lower_bound(np.array([50, 45, 0]), np.array([50, 50, 0]), 0.9)
+    assert lower[:2] == pytest.approx([0.1 ** (1 / 50), stats.beta.ppf(0.1, 45, 6)])
+    assert lower[2] == 1.0  # nothing decided, nothing wrong
+    # Coverage: over many validation sets of 60 defective cells escaping at 5%, the bound
+    # lies above the true rate at least 95% of the time (Clopper-Pearson is conservative).
+    escapes = np.random.default_rng(0).binomial(60, 0.05, 4000)
+    assert np.mean(escape_upper_bounds(60, 0.95)[escapes] >= 0.05) >= 0.95
+
+
+def test_max_escape_at_a_confidence_allows_only_escapes_the_bound_covers() -> None:
+    p, defect = random_cells(1, n=400)
+    plain, _ = choose_operating_point(p, defect, max_escape=0.1)
+    held, _ = choose_operating_point(p, defect, max_escape=0.1, confidence=0.95)
+    n_defect = int(defect.sum())
+    escapes = int(np.sum(defect & (p < held.scrap_threshold)))
+    bounds = escape_upper_bounds(n_defect, 0.95)
+    assert bounds[escapes] <= 0.1
+    # The highest such threshold: passing the next score up lets escapes out that the bound
+    # no longer covers (ties can move several defects at once).
+    next_up = np.unique(p[p >= held.scrap_threshold])[0]
+    assert bounds[np.sum(defect & (p <= next_up))] > 0.1
+    assert held.scrap_threshold < plain.scrap_threshold
+    assert held.confidence == 0.95 and held.method == "max_escape+confidence"
+
+
+def test_target_accuracy_at_a_confidence_has_minimal_review_among_bands_it_covers() -> None:
+    p, defect = random_cells(2, n=300)
+    point, _ = choose_operating_point(p, defect, target_auto_accuracy=0.9, confidence=0.9)
+    plain, _ = choose_operating_point(p, defect, target_auto_accuracy=0.9)
+    thresholds = candidate_thresholds(p)
+
+    def bound(low: float, high: float) -> tuple[float, float]:
+        decided = (p < low) | (p >= high)
+        correct = np.sum(decided & (defect == (p >= high)))
+        review = 1 - decided.mean()
+        return float(accuracy_lower_bound(correct, decided.sum(), 0.9)), review
+
+    assert bound(point.review_low, point.scrap_threshold)[0] >= 0.9
+    reachable = [
+        b[1]
+        for low, high in itertools.combinations_with_replacement(thresholds, 2)
+        if (b := bound(low, high))[0] >= 0.9
+    ]
+    assert point.val_review_rate == pytest.approx(min(reachable))
+    assert point.val_review_rate is not None and plain.val_review_rate is not None
+    assert point.val_review_rate > plain.val_review_rate
+
+
+def test_confidence_needs_enough_defects_and_a_criterion_to_hold() -> None:
+    # 3 defective cells cannot show <= 5% escapes at 95%: even 0 of 59 would be needed.
+    with pytest.raises(ValueError, match="3 defective validation cells .* at least 59"):
+        choose_operating_point(P, DEFECT, max_escape=0.05, confidence=0.95)
+    with pytest.raises(ValueError, match="confidence bounds max_escape"):
+        choose_operating_point(P, DEFECT, cost_ratio=1.0, confidence=0.95)
+    with pytest.raises(ValueError, match="within \\(0, 1\\)"):
+        choose_operating_point(P, DEFECT, max_escape=0.5, confidence=1.0)
+
+
 def test_operating_point_needs_a_criterion_and_defects_for_escapes() -> None:
     with pytest.raises(ValueError, match="at least one"):
         choose_operating_point(P, DEFECT)
@@ -289,6 +358,11 @@ def test_set_operating_point_publishes_a_new_version_that_show_prints(
         "derived    from tiny@1",
     ):
         assert text in shown.output
+
+    held = runner.invoke(app, [*args, "--target-auto-accuracy", "0.9", "--confidence", "0.8"])
+    assert held.exit_code == 0, held.output
+    assert "(held at 0.8 confidence)" in held.output
+    assert store.card("tiny@3").operating_point.confidence == 0.8
 
 
 def test_set_operating_point_on_a_card_without_predictions_says_how_to_fix(

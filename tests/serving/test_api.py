@@ -284,9 +284,7 @@ def test_reload_promote_and_refused_reload(client: TestClient, home) -> None:
     assert models[0]["test_time_views"] == "none"
 
 
-def test_model_list_shows_the_test_time_views_a_version_averages(
-    client: TestClient, home
-) -> None:
+def test_model_list_shows_the_test_time_views_a_version_averages(client: TestClient, home) -> None:
     version = publish_tiny(ModelStore(home / "store"), home, test_time_views="flips")
     r = client.post("/v1/models/tiny/reload", json={"version": version}, headers=auth("admin"))
     assert r.status_code == 200, r.text

@@ -39,6 +39,15 @@ def test_bad_arch_lists_choices() -> None:
         resolve_config(overrides={"data": "d", "out": "o", "arch": "vgg"})
 
 
+def test_confidence_needs_a_criterion_it_can_hold(tmp_path) -> None:
+    path = tmp_path / "conf.yaml"
+    path.write_text("data: d\nout: o\ncost_ratio: 1.0\nconfidence: 0.95\n")
+    with pytest.raises(ConfigError, match=r"conf\.yaml.*confidence bounds max_escape"):
+        resolve_config(yaml_path=path)
+    path.write_text("data: d\nout: o\nmax_escape: 0.05\nconfidence: 0.95\n")
+    assert resolve_config(yaml_path=path).confidence == 0.95
+
+
 def test_missing_and_malformed_yaml_are_named(tmp_path) -> None:
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         resolve_config(yaml_path=tmp_path / "missing.yaml")

@@ -148,6 +148,23 @@ def test_export_publishes_verified_version_with_parity_and_metrics(trained_run, 
     assert len(hashes) - 1 == len(load_manifest(Path(trained_run.data) / "manifest.json").samples)
 
 
+def test_export_chooses_the_operating_point_for_the_criteria_given(trained_run, tmp_path) -> None:
+    store = ModelStore(tmp_path / "store")
+    card = export_run(
+        trained_run.run_dir,
+        store=store,
+        name="tiny-electrode",
+        cost_ratio=1.0,
+        target_auto_accuracy=0.5,
+        confidence=0.6,
+    )
+    point = store.card("tiny-electrode@1").operating_point
+    assert point == card.operating_point
+    assert point.method == "cost_ratio+target_auto_accuracy+confidence"
+    assert (point.cost_ratio, point.target_auto_accuracy, point.confidence) == (1.0, 0.5, 0.6)
+    assert point.review_low <= point.scrap_threshold and point.val_review_rate is not None
+
+
 def test_export_refuses_to_publish_when_parity_fails(trained_run, tmp_path) -> None:
     store = ModelStore(tmp_path / "store")
     with pytest.raises(ExportParityError, match="nothing was published"):

@@ -75,7 +75,8 @@ def render_operating_point(op: OperatingPoint) -> None:
     if op.target_auto_accuracy is not None:
         criteria.append(f"target auto accuracy {_pct(op.target_auto_accuracy)}")
     if criteria:
-        console.print(f"criteria   {', '.join(criteria)}")
+        held = "" if op.confidence is None else f" (held at {op.confidence:g} confidence)"
+        console.print(f"criteria   {', '.join(criteria)}{held}")
     if op.val_review_rate is not None:
         console.print(
             f"validation escape {_pct(op.val_escape_rate)}, "
@@ -189,6 +190,13 @@ def set_operating_point(
         "--target-auto-accuracy",
         help="Accuracy required of cells decided without review, 0..1: adds a review band.",
     ),
+    confidence: float | None = typer.Option(
+        None,
+        "--confidence",
+        help="Hold --max-escape and --target-auto-accuracy at this one-sided confidence "
+        "(e.g. 0.95, Clopper-Pearson bounds) instead of on the validation cells alone, "
+        "which promise more than new cells keep when they are few.",
+    ),
     store: Path | None = StoreOption,
 ) -> None:
     """Re-choose the thresholds from the version's stored validation predictions and publish
@@ -203,6 +211,7 @@ def set_operating_point(
         cost_ratio=cost_ratio,
         max_escape=max_escape,
         target_auto_accuracy=target_auto_accuracy,
+        confidence=confidence,
     )
     console.print(f"published {card.name}@{card.version} from {card.derived_from}")
     render_operating_point(card.operating_point)

@@ -18,8 +18,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cellinspect demo
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/pytest
 
 test-all: $(STAMP)

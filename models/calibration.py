@@ -313,6 +313,27 @@ def measure_figures(
     )
 
 
+def held_bounds(
+    p: np.ndarray,
+    is_defect: np.ndarray,
+    review_low: float,
+    scrap_threshold: float,
+    confidence: float,
+) -> dict[str, float]:
+    """What the thresholds promise on new cells at `confidence`: the upper bound on the escape
+    rate and the lower bound on the auto-decided accuracy (card fields)."""
+    p, d = _check_scores(p, is_defect)
+    passed, scrapped = p < review_low, p >= scrap_threshold
+    n_defect, decided = int(d.sum()), int(passed.sum() + scrapped.sum())
+    correct = int((passed & ~d).sum() + (scrapped & d).sum())
+    escape = escape_upper_bounds(n_defect, confidence)[int((passed & d).sum())] if n_defect else 1.0
+    accuracy = accuracy_lower_bound(np.array([correct]), np.array([decided]), confidence)[0]
+    return {
+        "val_escape_bound": round(float(escape), 6),
+        "val_auto_accuracy_bound": round(float(accuracy), 6),
+    }
+
+
 class _Ranking:
     """Validation cells sorted by score. A threshold t lies in gap g when exactly the g lowest
     unique scores are below it (u[g-1] < t <= u[g]); every threshold in a gap makes the same
@@ -566,6 +587,7 @@ def choose_operating_point(
         target_auto_accuracy=target_auto_accuracy,
         confidence=confidence,
         **measure_figures(p, d, low, high).as_point_fields(),
+        **({} if confidence is None else held_bounds(p, d, low, high, confidence)),
     )
     return point, _trade_off(r, bands, centre)
 

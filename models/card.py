@@ -109,6 +109,10 @@ class OperatingPoint(BaseModel):
     val_false_scrap_rate: float | None = Field(None, ge=0, le=1)  # good scrapped / good
     val_review_rate: float | None = Field(None, ge=0, le=1)  # sent to review / all
     val_auto_accuracy: float | None = Field(None, ge=0, le=1)  # correct / decided automatically
+    # With a confidence: what the point promises on new cells (escape rate at most, auto
+    # accuracy at least), from the same validation counts.
+    val_escape_bound: float | None = Field(None, ge=0, le=1)
+    val_auto_accuracy_bound: float | None = Field(None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> OperatingPoint:

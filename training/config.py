@@ -20,6 +20,7 @@ from pydantic import (
 from cellinspect.datasets.preprocess import ResizeMode
 from cellinspect.models.card import ViewSet, check_views_fit
 from cellinspect.training.augment import AugmentPreset
+from cellinspect.training.choices import ExportCheckpoint
 from cellinspect.training.networks import Arch
 
 
@@ -97,6 +98,11 @@ class TrainConfig(BaseModel):
     # One-sided confidence at which max_escape and target_auto_accuracy must hold (None: on
     # the validation cells as measured).
     confidence: float | None = Field(None, gt=0, lt=1)
+    # The checkpoint export publishes (its --checkpoint overrides). `best` picks an epoch on
+    # the validation split, which then flatters the temperature and operating point fitted
+    # there; `last` keeps validation unseen by any choice, for a schedule that decays to the
+    # end without early stopping.
+    export_checkpoint: ExportCheckpoint = ExportCheckpoint.BEST
     # Test-time views the exported graph averages (models.card.ViewSet); export's --views
     # overrides it. Not used in training: validation during training sees the plain image.
     test_time_views: ViewSet = ViewSet.NONE

@@ -45,7 +45,8 @@ from cellinspect.models.leakage import TRAINING_HASHES_FILE, training_hashes_tex
 from cellinspect.models.metrics import evaluate_predictions
 from cellinspect.models.predict import LoadedModel, softmax
 from cellinspect.models.store import ModelStore
-from cellinspect.training.fit import BEST
+from cellinspect.training.choices import ExportCheckpoint
+from cellinspect.training.fit import BEST, LAST
 from cellinspect.training.networks import ExportableClassifier, create_model, has_aux_cam_weights
 from cellinspect.training.views import with_views
 
@@ -67,7 +68,7 @@ class ExportParityError(RuntimeError):
 
 @dataclass
 class Checkpoint:
-    """What export needs from a run's best checkpoint."""
+    """What export needs from one of a run's checkpoints."""
 
     model: torch.nn.Module
     class_names: list[str]
@@ -77,13 +78,22 @@ class Checkpoint:
     manifest_path: Path
     manifest_hash: str
     epoch: int
+    which: ExportCheckpoint
 
     @classmethod
-    def load(cls, run_dir: Path) -> Checkpoint:
+    def load(cls, run_dir: Path, which: ExportCheckpoint | None = None) -> Checkpoint:
+        """The run's best or last checkpoint (None: the one its training config names)."""
         path = run_dir / BEST
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no best checkpoint; train this run first")
         state = torch.load(path, map_location="cpu", weights_only=False)
+        if which is None:
+            which = ExportCheckpoint(state["config"].get("export_checkpoint", "best"))
+        if which is ExportCheckpoint.LAST:
+            path = run_dir / LAST
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no last checkpoint in this run")
+            state = torch.load(path, map_location="cpu", weights_only=False)
         spec = PreprocessSpec.model_validate(state["preprocessing"])
         # Checkpoints from before the auxiliary CAM head (or trained without it) load and
         # export exactly as they did: no head, the Grad-CAM heatmap.
@@ -105,6 +115,7 @@ class Checkpoint:
             manifest_path=Path(state["manifest_path"]),
             manifest_hash=state["manifest_hash"],
             epoch=state["epoch"],
+            which=which,
         )
 
     def with_views(self, views: ViewSet | None) -> tuple[Checkpoint, ViewSet]:
@@ -370,15 +381,18 @@ def export_run(
     confidence: float | None = None,
     views: ViewSet | None = None,
     score_test: bool = True,
+    checkpoint: ExportCheckpoint | None = None,
 ) -> ModelCard:
-    """Export the run's best checkpoint, gate on parity, calibrate on the validation split,
-    evaluate (the test split too unless `score_test` is off), and publish a new version.
+    """Export the run's best (or last) checkpoint, gate on parity, calibrate on the
+    validation split, evaluate (the test split too unless `score_test` is off), and publish
+    a new version.
 
-    Operating-point criteria and test-time `views` not given here are read from the training
-    config when it has them; with no criteria, the default point is kept (see `calibrate`).
+    Operating-point criteria, test-time `views` and the `checkpoint` not given here are read
+    from the training config when it has them; with no criteria, the default point is kept
+    (see `calibrate`).
     """
     run_dir = Path(run_dir)
-    ckpt, views = Checkpoint.load(run_dir).with_views(views)
+    ckpt, views = Checkpoint.load(run_dir, checkpoint).with_views(views)
     criteria = {
         "cost_ratio": cost_ratio,
         "max_escape": max_escape,
@@ -403,7 +417,11 @@ def export_run(
         training_data=DatasetRef(
             manifest_hash=manifest.hash, split=Split.TRAIN.value, count=len(by_split[Split.TRAIN])
         ),
-        training_config={**ckpt.config, "best_epoch": ckpt.epoch},
+        training_config={
+            **ckpt.config,
+            "exported_checkpoint": ckpt.which.value,
+            "exported_epoch": ckpt.epoch,
+        },
         code_commit=code_commit(),
         output_names=output_names(ckpt.model),
         heatmap=heatmap_source(ckpt.model),

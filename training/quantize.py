@@ -37,6 +37,7 @@ from cellinspect.models.card import (
 from cellinspect.models.evaluate import measure_throughput
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.store import ModelStore, sha256_file
+from cellinspect.training.choices import ExportCheckpoint
 from cellinspect.training.export import (
     Checkpoint,
     evaluate_card,
@@ -369,6 +370,7 @@ def export_int8(
     confidence: float | None = None,
     views: ViewSet | None = None,
     score_test: bool = True,
+    checkpoint: ExportCheckpoint | None = None,
 ) -> tuple[ModelCard, ModelCard]:
     """Export the run to FP32 (parity-gated, as `export_run`), quantize it to INT8, gate on
     top-1 agreement on the validation split, evaluate, and publish both: (fp32, int8) cards.
@@ -392,6 +394,7 @@ def export_int8(
             heldout=heldout,
             views=views,
             score_test=score_test,
+            checkpoint=checkpoint,
             **criteria,
         )
         _, fp32_path = staging.load_verified(f"{name}@{fp32_card.version}")

@@ -224,6 +224,9 @@ def test_max_escape_at_a_confidence_allows_only_escapes_the_bound_covers() -> No
     assert bounds[np.sum(defect & (p <= next_up))] > 0.1
     assert held.scrap_threshold < plain.scrap_threshold
     assert held.confidence == 0.95 and held.method == "max_escape+confidence"
+    # The card keeps the promise it was chosen for; a counted point promises nothing.
+    assert held.val_escape_bound == pytest.approx(bounds[escapes], abs=1e-6)
+    assert plain.val_escape_bound is None and plain.val_auto_accuracy_bound is None
 
 
 def test_target_accuracy_at_a_confidence_has_minimal_review_among_bands_it_covers() -> None:
@@ -239,6 +242,9 @@ def test_target_accuracy_at_a_confidence_has_minimal_review_among_bands_it_cover
         return float(accuracy_lower_bound(correct, decided.sum(), 0.9)), review
 
     assert bound(point.review_low, point.scrap_threshold)[0] >= 0.9
+    assert point.val_auto_accuracy_bound == pytest.approx(
+        bound(point.review_low, point.scrap_threshold)[0], abs=1e-6
+    )
     reachable = [
         b[1]
         for low, high in itertools.combinations_with_replacement(thresholds, 2)
@@ -362,6 +368,7 @@ def test_set_operating_point_publishes_a_new_version_that_show_prints(
     held = runner.invoke(app, [*args, "--target-auto-accuracy", "0.9", "--confidence", "0.8"])
     assert held.exit_code == 0, held.output
     assert "(held at 0.8 confidence)" in held.output
+    assert "promised   at 0.8 confidence: escape at most" in held.output
     assert store.card("tiny@3").operating_point.confidence == 0.8
 
 

@@ -23,6 +23,7 @@ from cellinspect.models.card import HEATMAP_NAME, INPUT_NAME, LOGITS_NAME, ViewS
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.store import ModelStore
 from cellinspect.training.augment import AugmentPreset, build_augmentation
+from cellinspect.training.choices import ExportCheckpoint
 from cellinspect.training.config import TrainConfig
 from cellinspect.training.data import (
     CrackPaintingDataset,
@@ -31,7 +32,7 @@ from cellinspect.training.data import (
     prepare_all,
     reseed_worker,
 )
-from cellinspect.training.export import ExportParityError, export_run
+from cellinspect.training.export import Checkpoint, ExportParityError, export_run
 from cellinspect.training.fit import BEST, CONFIG, LAST, METRICS, build_spec, fit
 from cellinspect.training.networks import has_aux_cam_weights
 
@@ -163,6 +164,34 @@ def test_export_chooses_the_operating_point_for_the_criteria_given(trained_run, 
     assert point.method == "cost_ratio+target_auto_accuracy+confidence"
     assert (point.cost_ratio, point.target_auto_accuracy, point.confidence) == (1.0, 0.5, 0.6)
     assert point.review_low <= point.scrap_threshold and point.val_review_rate is not None
+
+
+def test_export_publishes_the_last_checkpoint_when_asked_or_configured(
+    trained_run, tmp_path
+) -> None:
+    run = trained_run.run_dir
+    epochs = {name: torch.load(run / name, weights_only=False)["epoch"] for name in (BEST, LAST)}
+    store = ModelStore(tmp_path / "store")
+    best = export_run(run, store=store, name="tiny-electrode", score_test=False)
+    last = export_run(
+        run, store=store, name="tiny-electrode", score_test=False, checkpoint=ExportCheckpoint.LAST
+    )
+    assert best.training_config["exported_checkpoint"] == "best"
+    assert best.training_config["exported_epoch"] == epochs[BEST]
+    assert last.training_config["exported_checkpoint"] == "last"
+    assert last.training_config["exported_epoch"] == epochs[LAST] == trained_run.epochs - 1
+    # A run whose config names `last` exports it without being told.
+    configured = tmp_path / "configured"
+    configured.mkdir()
+    for name in (BEST, LAST):
+        state = torch.load(run / name, weights_only=False)
+        state["config"]["export_checkpoint"] = "last"
+        torch.save(state, configured / name)
+    assert Checkpoint.load(configured).which is ExportCheckpoint.LAST
+    assert Checkpoint.load(configured).epoch == epochs[LAST]
+    (configured / LAST).unlink()
+    with pytest.raises(FileNotFoundError, match="last.pt: no last checkpoint"):
+        Checkpoint.load(configured)
 
 
 def test_export_refuses_to_publish_when_parity_fails(trained_run, tmp_path) -> None:

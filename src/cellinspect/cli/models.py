@@ -83,6 +83,12 @@ def render_operating_point(op: OperatingPoint) -> None:
             f"false scrap {_pct(op.val_false_scrap_rate)}, review {_pct(op.val_review_rate)}, "
             f"auto accuracy {_pct(op.val_auto_accuracy)}"
         )
+    if op.confidence is not None and op.val_escape_bound is not None:
+        console.print(
+            f"promised   at {op.confidence:g} confidence: escape at most "
+            f"{_pct(op.val_escape_bound)}, auto accuracy at least "
+            f"{_pct(op.val_auto_accuracy_bound)}"
+        )
 
 
 def trade_off_table(curve: list[TradeOffPoint], rows: int = TRADE_OFF_ROWS) -> Table:

@@ -16,6 +16,7 @@ from rich.markup import escape
 from cellinspect.cli.common import console, err_console, home, store_root
 from cellinspect.datasets.synth import SynthKind
 from cellinspect.models.card import ViewSet
+from cellinspect.training.choices import ExportCheckpoint
 
 DEMO_MODEL = "electrode-defects"
 
@@ -87,7 +88,7 @@ def train(
 
 
 def export(
-    run_dir: Path = typer.Argument(..., help="A training run folder (holds best.pt)."),
+    run_dir: Path = typer.Argument(..., help="A training run folder (holds best.pt, last.pt)."),
     name: str = typer.Option(..., help="Model name in the store (lower case, digits, . _ -)."),
     heldout: Path | None = typer.Option(None, help="Manifest of a held-out set to evaluate on."),
     store: Path | None = typer.Option(None, help="Model store (default: HOME/store)."),
@@ -103,6 +104,14 @@ def export(
         "and 180 degrees, any aspect ratio); isotropic (8 views: also quarter turns, square "
         "inputs only). Each view costs one more forward pass per image. Default: the "
         "training config's test_time_views (none if it has none).",
+        case_sensitive=False,
+    ),
+    checkpoint: ExportCheckpoint | None = typer.Option(
+        None,
+        help="best: the epoch with the best validation macro-F1 (best.pt); last: the final "
+        "epoch (last.pt), so that no epoch is picked on the validation split that the "
+        "temperature and operating point are then fitted on. Default: the training "
+        "config's export_checkpoint (best if it has none).",
         case_sensitive=False,
     ),
     score_test: bool = typer.Option(
@@ -128,6 +137,7 @@ def export(
         "heldout": heldout,
         "views": views,
         "score_test": score_test,
+        "checkpoint": checkpoint,
     }
     if quantize is Quantize.NONE:
         card = export_run(run_dir, **options)

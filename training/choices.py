@@ -1,0 +1,13 @@
+"""Training choices the CLI offers as option types: this module imports neither torch nor
+albumentations, so `cellinspect --help` and the serve-only install never load them."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ExportCheckpoint(StrEnum):
+    """Which of a run's checkpoints `export` publishes."""
+
+    BEST = "best"  # the epoch with the best validation macro-F1 (best.pt)
+    LAST = "last"  # the final epoch (last.pt): for schedules that run to the end

@@ -78,7 +78,7 @@ class Checkpoint:
     manifest_path: Path
     manifest_hash: str
     epoch: int
-    which: ExportCheckpoint
+    which: ExportCheckpoint = ExportCheckpoint.BEST
 
     @classmethod
     def load(cls, run_dir: Path, which: ExportCheckpoint | None = None) -> Checkpoint:

@@ -169,29 +169,46 @@ def test_export_chooses_the_operating_point_for_the_criteria_given(trained_run, 
 def test_export_publishes_the_last_checkpoint_when_asked_or_configured(
     trained_run, tmp_path
 ) -> None:
-    run = trained_run.run_dir
-    epochs = {name: torch.load(run / name, weights_only=False)["epoch"] for name in (BEST, LAST)}
+    # A copy of the run whose last checkpoint is unmistakable: another epoch, other weights.
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.run_dir, run)
+    state = torch.load(run / LAST, weights_only=False)
+    state["epoch"] = 99
+    state["model"] = {
+        k: v + 0.05 if v.is_floating_point() else v for k, v in state["model"].items()
+    }
+    torch.save(state, run / LAST)
+    best_epoch = torch.load(run / BEST, weights_only=False)["epoch"]
     store = ModelStore(tmp_path / "store")
     best = export_run(run, store=store, name="tiny-electrode", score_test=False)
     last = export_run(
         run, store=store, name="tiny-electrode", score_test=False, checkpoint=ExportCheckpoint.LAST
     )
-    assert best.training_config["exported_checkpoint"] == "best"
-    assert best.training_config["exported_epoch"] == epochs[BEST]
-    assert last.training_config["exported_checkpoint"] == "last"
-    assert last.training_config["exported_epoch"] == epochs[LAST] == trained_run.epochs - 1
-    # A run whose config names `last` exports it without being told.
-    configured = tmp_path / "configured"
-    configured.mkdir()
+    assert (
+        best.training_config["exported_checkpoint"],
+        best.training_config["exported_epoch"],
+    ) == (
+        "best",
+        best_epoch,
+    )
+    assert (
+        last.training_config["exported_checkpoint"],
+        last.training_config["exported_epoch"],
+    ) == (
+        "last",
+        99,
+    )
+    assert last.onnx_sha256 != best.onnx_sha256
+    # A run whose training config names `last` exports it without being told.
     for name in (BEST, LAST):
         state = torch.load(run / name, weights_only=False)
         state["config"]["export_checkpoint"] = "last"
-        torch.save(state, configured / name)
-    assert Checkpoint.load(configured).which is ExportCheckpoint.LAST
-    assert Checkpoint.load(configured).epoch == epochs[LAST]
-    (configured / LAST).unlink()
+        torch.save(state, run / name)
+    configured = Checkpoint.load(run)
+    assert (configured.which, configured.epoch) == (ExportCheckpoint.LAST, 99)
+    (run / LAST).unlink()
     with pytest.raises(FileNotFoundError, match="last.pt: no last checkpoint"):
-        Checkpoint.load(configured)
+        Checkpoint.load(run)
 
 
 def test_export_refuses_to_publish_when_parity_fails(trained_run, tmp_path) -> None:

@@ -268,20 +268,52 @@ def validation_scores(card: ModelCard) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class OperatingFigures:
-    """What an operating point does to a set of scored cells."""
+    """What an operating point does to a set of scored cells: the counts, and the rates and
+    confidence bounds that follow from them."""
 
-    escape_rate: float  # defective passed / defective (0 without defective cells)
-    false_scrap_rate: float  # good scrapped / good (0 without good cells)
-    review_rate: float  # sent to review / all
-    auto_accuracy: float  # correct / decided without review (1 when everything is reviewed)
+    cells: int
+    defects: int
+    escapes: int  # defective cells passed
+    false_scraps: int  # good cells scrapped
+    decided: int  # passed or scrapped, i.e. not sent to review
+    correct: int  # of the decided cells
 
-    def as_point_fields(self) -> dict[str, float]:
-        return {
+    @property
+    def escape_rate(self) -> float:  # 0 without defective cells
+        return self.escapes / self.defects if self.defects else 0.0
+
+    @property
+    def false_scrap_rate(self) -> float:  # 0 without good cells
+        goods = self.cells - self.defects
+        return self.false_scraps / goods if goods else 0.0
+
+    @property
+    def review_rate(self) -> float:
+        return 1.0 - self.decided / self.cells
+
+    @property
+    def auto_accuracy(self) -> float:  # 1 when everything is reviewed
+        return self.correct / self.decided if self.decided else 1.0
+
+    def as_point_fields(self, confidence: float | None = None) -> dict[str, float]:
+        """The card's validation figures; with a confidence, also what they promise on new
+        cells (the escape rate's upper bound, the auto accuracy's lower bound)."""
+        fields = {
             "val_escape_rate": round(self.escape_rate, 6),
             "val_false_scrap_rate": round(self.false_scrap_rate, 6),
             "val_review_rate": round(self.review_rate, 6),
             "val_auto_accuracy": round(self.auto_accuracy, 6),
         }
+        if confidence is not None:
+            escape = (
+                escape_upper_bounds(self.defects, confidence)[self.escapes] if self.defects else 1.0
+            )
+            accuracy = accuracy_lower_bound(
+                np.array([self.correct]), np.array([self.decided]), confidence
+            )[0]
+            fields["val_escape_bound"] = round(float(escape), 6)
+            fields["val_auto_accuracy_bound"] = round(float(accuracy), 6)
+        return fields
 
 
 def _check_scores(p: np.ndarray, is_defect: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -299,39 +331,17 @@ def _check_scores(p: np.ndarray, is_defect: np.ndarray) -> tuple[np.ndarray, np.
 def measure_figures(
     p: np.ndarray, is_defect: np.ndarray, review_low: float, scrap_threshold: float
 ) -> OperatingFigures:
-    """Escape, false-scrap and review rates and auto accuracy of the thresholds on (p, truth)."""
+    """Escape, false-scrap and review counts and auto accuracy of the thresholds on (p, truth)."""
     p, d = _check_scores(p, is_defect)
     passed, scrapped = p < review_low, p >= scrap_threshold
-    auto = int(passed.sum() + scrapped.sum())
-    n_defect, n_good = int(d.sum()), int((~d).sum())
-    correct = int((passed & ~d).sum() + (scrapped & d).sum())
     return OperatingFigures(
-        escape_rate=float((passed & d).sum() / n_defect) if n_defect else 0.0,
-        false_scrap_rate=float((scrapped & ~d).sum() / n_good) if n_good else 0.0,
-        review_rate=1.0 - auto / len(p),
-        auto_accuracy=correct / auto if auto else 1.0,
+        cells=len(p),
+        defects=int(d.sum()),
+        escapes=int((passed & d).sum()),
+        false_scraps=int((scrapped & ~d).sum()),
+        decided=int(passed.sum() + scrapped.sum()),
+        correct=int((passed & ~d).sum() + (scrapped & d).sum()),
     )
-
-
-def held_bounds(
-    p: np.ndarray,
-    is_defect: np.ndarray,
-    review_low: float,
-    scrap_threshold: float,
-    confidence: float,
-) -> dict[str, float]:
-    """What the thresholds promise on new cells at `confidence`: the upper bound on the escape
-    rate and the lower bound on the auto-decided accuracy (card fields)."""
-    p, d = _check_scores(p, is_defect)
-    passed, scrapped = p < review_low, p >= scrap_threshold
-    n_defect, decided = int(d.sum()), int(passed.sum() + scrapped.sum())
-    correct = int((passed & ~d).sum() + (scrapped & d).sum())
-    escape = escape_upper_bounds(n_defect, confidence)[int((passed & d).sum())] if n_defect else 1.0
-    accuracy = accuracy_lower_bound(np.array([correct]), np.array([decided]), confidence)[0]
-    return {
-        "val_escape_bound": round(float(escape), 6),
-        "val_auto_accuracy_bound": round(float(accuracy), 6),
-    }
 
 
 class _Ranking:
@@ -586,8 +596,7 @@ def choose_operating_point(
         max_escape=max_escape,
         target_auto_accuracy=target_auto_accuracy,
         confidence=confidence,
-        **measure_figures(p, d, low, high).as_point_fields(),
-        **({} if confidence is None else held_bounds(p, d, low, high, confidence)),
+        **measure_figures(p, d, low, high).as_point_fields(confidence),
     )
     return point, _trade_off(r, bands, centre)
 

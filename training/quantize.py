@@ -401,7 +401,8 @@ def export_int8(
 
         ckpt = Checkpoint.load(run_dir)
         manifest = load_manifest(ckpt.manifest_path)
-        criteria = {k: v if v is not None else ckpt.config.get(k) for k, v in criteria.items()}
+        # The INT8 version is calibrated for what its FP32 twin was (given or from the config).
+        criteria = {k: getattr(fp32_card.operating_point, k) for k in criteria}
         max_pixels = int(ckpt.config.get("max_pixels", 40_000_000))
         by_split = {split: [s for s in manifest.samples if s.split == split] for split in Split}
 

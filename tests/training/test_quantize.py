@@ -203,7 +203,7 @@ def test_export_int8_publishes_fp32_then_int8_evaluated_alike(published) -> None
     assert "QuantizeLinear" in ops
 
 
-def test_int8_of_a_graph_with_test_time_views_keeps_them_and_skips_the_test_split(
+def test_int8_of_a_graph_with_test_time_views_keeps_them_criteria_and_skips_the_test_split(
     tiny_run, tmp_path
 ) -> None:
     store = ModelStore(tmp_path / "store")
@@ -215,8 +215,23 @@ def test_int8_of_a_graph_with_test_time_views_keeps_them_and_skips_the_test_spli
         gate=0.0,
         views=ViewSet.FLIPS,
         score_test=False,
+        cost_ratio=1.0,
+        target_auto_accuracy=0.5,
+        confidence=0.6,
     )
     assert fp32.test_time_views is int8.test_time_views is ViewSet.FLIPS
+    # The INT8 version is calibrated for the criteria its FP32 twin was.
+    criteria = ("method", "cost_ratio", "max_escape", "target_auto_accuracy", "confidence")
+    assert [getattr(int8.operating_point, k) for k in criteria] == [
+        "cost_ratio+target_auto_accuracy+confidence",
+        1.0,
+        None,
+        0.5,
+        0.6,
+    ]
+    assert [getattr(fp32.operating_point, k) for k in criteria] == [
+        getattr(int8.operating_point, k) for k in criteria
+    ]
     assert set(fp32.metrics) == set(int8.metrics) == {"val"}
     graph = onnx.load(str(store.load_verified("tiny@2")[1])).graph
     assert "QuantizeLinear" in {n.op_type for n in graph.node}

@@ -94,6 +94,7 @@ class Checkpoint:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no last checkpoint in this run")
             state = torch.load(path, map_location="cpu", weights_only=False)
+            warn_if_unfinished(path, state)
         spec = PreprocessSpec.model_validate(state["preprocessing"])
         # Checkpoints from before the auxiliary CAM head (or trained without it) load and
         # export exactly as they did: no head, the Grad-CAM heatmap.
@@ -125,6 +126,23 @@ class Checkpoint:
             views = ViewSet(self.config.get("test_time_views", ViewSet.NONE))
         model = with_views(self.model, views, (self.spec.height, self.spec.width))
         return replace(self, model=model), views
+
+
+def warn_if_unfinished(path: Path, state: dict) -> None:
+    """Warn when a last checkpoint is not where its run ends: fewer epochs than configured
+    and no early stop. Exporting it is allowed (an interrupted run may be all there is),
+    but a run still training would silently publish a half-trained epoch."""
+    config = state["config"]
+    done, epochs = state["epoch"] + 1, config.get("epochs", 0)
+    if done < epochs and state.get("stale", 0) < config.get("patience", epochs):
+        log.warning(
+            "%s holds epoch %d of %d and the run did not stop early: it is unfinished "
+            "(still training, or interrupted); exporting that epoch. To finish it, run "
+            "`cellinspect train` again with the same --out, then export.",
+            path,
+            done,
+            epochs,
+        )
 
 
 def code_commit() -> str | None:

@@ -211,6 +211,30 @@ def test_export_publishes_the_last_checkpoint_when_asked_or_configured(
         Checkpoint.load(run)
 
 
+def test_exporting_the_last_checkpoint_of_an_unfinished_run_warns(
+    trained_run, tmp_path, caplog
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.run_dir, run)
+    with caplog.at_level("WARNING", logger="cellinspect.training.export"):
+        Checkpoint.load(run, ExportCheckpoint.LAST)  # the last of its configured epochs
+    assert "unfinished" not in caplog.text
+    state = torch.load(run / LAST, weights_only=False)
+    done = state["epoch"] + 1
+    state["config"]["epochs"] = done + 3  # as if three more epochs were still to come
+    torch.save(state, run / LAST)
+    with caplog.at_level("WARNING", logger="cellinspect.training.export"):
+        Checkpoint.load(run, ExportCheckpoint.LAST)
+    assert f"{run / LAST} holds epoch {done} of {done + 3}" in caplog.text
+    assert "unfinished" in caplog.text
+    caplog.clear()
+    state["stale"] = state["config"]["patience"]  # stopped early: finished after all
+    torch.save(state, run / LAST)
+    with caplog.at_level("WARNING", logger="cellinspect.training.export"):
+        Checkpoint.load(run, ExportCheckpoint.LAST)
+    assert "unfinished" not in caplog.text
+
+
 def test_export_refuses_to_publish_when_parity_fails(trained_run, tmp_path) -> None:
     store = ModelStore(tmp_path / "store")
     with pytest.raises(ExportParityError, match="nothing was published"):

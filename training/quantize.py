@@ -399,11 +399,14 @@ def export_int8(
         )
         _, fp32_path = staging.load_verified(f"{name}@{fp32_card.version}")
 
-        ckpt = Checkpoint.load(run_dir)
-        manifest = load_manifest(ckpt.manifest_path)
-        # The INT8 version is calibrated for what its FP32 twin was (given or from the config).
+        # Only the run's manifest is read from a checkpoint here, the same in each of them:
+        # best.pt, always there. Reloading the exported one would read last.pt again and
+        # repeat its warning of an unfinished run.
+        manifest = load_manifest(Checkpoint.load(run_dir, ExportCheckpoint.BEST).manifest_path)
+        # The INT8 version is calibrated for what its FP32 twin was (given or from the config),
+        # on images read as the FP32 export read them.
         criteria = {k: getattr(fp32_card.operating_point, k) for k in criteria}
-        max_pixels = int(ckpt.config.get("max_pixels", 40_000_000))
+        max_pixels = int(fp32_card.training_config.get("max_pixels", 40_000_000))
         by_split = {split: [s for s in manifest.samples if s.split == split] for split in Split}
 
         chosen = choose_calibration_samples(by_split[Split.TRAIN], calibration_samples, seed=seed)

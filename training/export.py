@@ -83,18 +83,14 @@ class Checkpoint:
     @classmethod
     def load(cls, run_dir: Path, which: ExportCheckpoint | None = None) -> Checkpoint:
         """The run's best or last checkpoint (None: the one its training config names)."""
-        path = run_dir / BEST
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no best checkpoint; train this run first")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if which is None:
-            which = ExportCheckpoint(state["config"].get("export_checkpoint", "best"))
+        if which is None:  # best.pt's config names the checkpoint to export
+            best = _read_checkpoint(run_dir, ExportCheckpoint.BEST)
+            which = ExportCheckpoint(best["config"].get("export_checkpoint", "best"))
+            state = best if which is ExportCheckpoint.BEST else _read_checkpoint(run_dir, which)
+        else:
+            state = _read_checkpoint(run_dir, which)
         if which is ExportCheckpoint.LAST:
-            path = run_dir / LAST
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no last checkpoint in this run")
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            warn_if_unfinished(path, state)
+            warn_if_unfinished(run_dir / LAST, state)
         spec = PreprocessSpec.model_validate(state["preprocessing"])
         # Checkpoints from before the auxiliary CAM head (or trained without it) load and
         # export exactly as they did: no head, the Grad-CAM heatmap.
@@ -126,6 +122,15 @@ class Checkpoint:
             views = ViewSet(self.config.get("test_time_views", ViewSet.NONE))
         model = with_views(self.model, views, (self.spec.height, self.spec.width))
         return replace(self, model=model), views
+
+
+def _read_checkpoint(run_dir: Path, which: ExportCheckpoint) -> dict:
+    path = run_dir / (BEST if which is ExportCheckpoint.BEST else LAST)
+    if not path.is_file():
+        if which is ExportCheckpoint.BEST:
+            raise FileNotFoundError(f"{path}: no best checkpoint; train this run first")
+        raise FileNotFoundError(f"{path}: no last checkpoint in this run")
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def warn_if_unfinished(path: Path, state: dict) -> None:

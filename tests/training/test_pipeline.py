@@ -206,6 +206,10 @@ def test_export_publishes_the_last_checkpoint_when_asked_or_configured(
         torch.save(state, run / name)
     configured = Checkpoint.load(run)
     assert (configured.which, configured.epoch) == (ExportCheckpoint.LAST, 99)
+    # Asked for by name, the last checkpoint is read alone: best.pt is not needed.
+    (run / BEST).rename(run / "best.pt.away")
+    assert Checkpoint.load(run, ExportCheckpoint.LAST).epoch == 99
+    (run / "best.pt.away").rename(run / BEST)
     (run / LAST).unlink()
     with pytest.raises(FileNotFoundError, match="last.pt: no last checkpoint"):
         Checkpoint.load(run)

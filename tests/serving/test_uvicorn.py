@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import os
 import subprocess
 import sys
@@ -69,6 +70,30 @@ def test_every_route_answers_through_uvicorn(server: str) -> None:
             c.post("/v1/inspect", content=png(0), headers={"Content-Type": "image/png"}).status_code
             == 401
         )
+
+
+def _idle_then_closed(url: str, idle_s: float) -> bool:
+    """Whether the server has closed a kept-alive connection after `idle_s` idle seconds."""
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=5)
+    try:
+        conn.request("GET", "/healthz")
+        reply = conn.getresponse()
+        assert reply.status == 200 and reply.read()  # the whole answer: nothing left unread
+        time.sleep(idle_s)
+        assert conn.sock is not None  # kept alive by http.client for the next request
+        conn.sock.settimeout(0.5)
+        try:
+            return conn.sock.recv(1) == b""  # EOF: the server closed it
+        except TimeoutError:
+            return False  # still open, nothing to read
+    finally:
+        conn.close()
+
+
+def test_idle_connections_are_kept_for_keep_alive_s(home: Path) -> None:
+    with running_server(home, {"CELLINSPECT_KEEP_ALIVE_S": "1"}) as server:
+        assert not _idle_then_closed(server.url, 0.2)
+        assert _idle_then_closed(server.url, 2.0)
 
 
 def test_production_mode_refuses_placeholder_keys(home: Path) -> None:

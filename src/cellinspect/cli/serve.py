@@ -83,6 +83,7 @@ def serve(
         port=port,
         workers=workers,
         log_level="info",
+        timeout_keep_alive=settings.keep_alive_s,
         access_log=False,  # one log line per image at line rate is noise; metrics count them
     )
     try:

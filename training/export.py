@@ -129,7 +129,7 @@ def _read_checkpoint(run_dir: Path, which: ExportCheckpoint) -> dict:
     if not path.is_file():
         if which is ExportCheckpoint.BEST:
             raise FileNotFoundError(f"{path}: no best checkpoint; train this run first")
-        raise FileNotFoundError(f"{path}: no last checkpoint in this run")
+        raise FileNotFoundError(f"{path}: no last checkpoint in this run; train it first")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 import uuid
 from collections import Counter
 
@@ -15,6 +15,37 @@ import numpy as np
 import typer
 
 from cellinspect.cli.common import console
+
+RECONNECT_S = 0.25  # the camera's first wait before it reconnects; doubled on each retry
+
+
+class _Link:
+    """One kept-alive HTTP connection to the service, reopened after a failure."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url}: not an http:// or https:// URL")
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname, parts.port
+        self._prefix = parts.path.rstrip("/")
+        self._conn: http.client.HTTPConnection | None = None
+
+    def post(
+        self, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        if self._conn is None:
+            kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self._conn = kind(self._host, self._port, timeout=10)
+        try:
+            self._conn.request("POST", self._prefix + path, body=body, headers=headers)
+            reply = self._conn.getresponse()
+            return reply.status, reply.headers, reply.read()
+        except (OSError, http.client.HTTPException):
+            self._conn.close()
+            self._conn = None  # the next post opens a new connection
+            raise
+
 
 HOST_HELP = "Address to listen on (default loopback; 0.0.0.0 inside a container)."
 
@@ -113,16 +144,21 @@ def camera(
     seed: int = typer.Option(123, help="Seed of the synthetic images."),
     size: int = typer.Option(128, min=32, help="Electrode tile side."),
     retries: int = typer.Option(
-        3, min=0, help="Retries of an image answered 503, after its Retry-After, same key."
+        3,
+        min=0,
+        help="Retries of an image answered 503 (after its Retry-After) or whose connection "
+        "was lost (after 0.25 s, doubling), with the same Idempotency-Key.",
     ),
 ) -> None:
     """Simulate a line camera: post synthetic electrode tiles and print each verdict.
 
-    Each image carries an Idempotency-Key, repeated on its retries after a 503.
+    Like a line camera, it keeps one connection open. Each image carries an
+    Idempotency-Key, repeated on its retries after a 503 or a lost connection.
     """
     from cellinspect.datasets.decode import encode_png
     from cellinspect.datasets.synth import ELECTRODE_CLASSES, generate_electrode
 
+    link = _Link(url)
     rng = np.random.default_rng(seed)
     verdicts: Counter[str] = Counter()
     correct = 0
@@ -131,33 +167,33 @@ def camera(
         truth = str(rng.choice(ELECTRODE_CLASSES))
         image, _ = generate_electrode(truth, rng, size=size)
         cell = f"cell-{seed}-{i:05d}"
-        request = urllib.request.Request(
-            f"{url.rstrip('/')}/v1/inspect?line_id={line_id}&station_id={station_id}&cell_id={cell}",
-            data=encode_png(image),
-            headers={
-                "Content-Type": "image/png",
-                # One key per image, the same on every retry: a retry after a 503 whose
-                # inspection was recorded after all gets that record, not a second one.
-                "Idempotency-Key": f"{station_id}:{cell}:{uuid.uuid4().hex}",
-                **({"X-API-Key": api_key} if api_key else {}),
-            },
-            method="POST",
-        )
+        path = f"/v1/inspect?line_id={line_id}&station_id={station_id}&cell_id={cell}"
+        headers = {
+            "Content-Type": "image/png",
+            # One key per image, the same on every retry: a retry whose inspection was
+            # recorded after all (a 503, or a connection lost before the answer) gets that
+            # record, not a second one.
+            "Idempotency-Key": f"{station_id}:{cell}:{uuid.uuid4().hex}",
+            **({"X-API-Key": api_key} if api_key else {}),
+        }
+        data = encode_png(image)
+        body = None
         for attempt in range(retries + 1):
             try:
-                with urllib.request.urlopen(request, timeout=10) as reply:
-                    body = json.loads(reply.read())
-                break
-            except urllib.error.HTTPError as exc:
-                detail = exc.read()[:200]
-                if exc.code == 503 and attempt < retries:
-                    time.sleep(float(exc.headers.get("Retry-After", "1")))
+                status, reply_headers, content = link.post(path, data, headers)
+            except (OSError, http.client.HTTPException) as exc:
+                if attempt < retries:
+                    time.sleep(RECONNECT_S * 2**attempt)
                     continue
-                console.print(f"{i:4d} truth={truth:<17} HTTP {exc.code}: {detail!r}")
-                body = None
-                break
-            except urllib.error.URLError as exc:
-                raise ValueError(f"{url}: service not reachable ({exc.reason})") from None
+                raise ValueError(f"{url}: service not reachable ({exc})") from None
+            if status == 503 and attempt < retries:
+                time.sleep(float(reply_headers.get("Retry-After", "1")))
+                continue
+            if status == 200:
+                body = json.loads(content)
+            else:
+                console.print(f"{i:4d} truth={truth:<17} HTTP {status}: {content[:200]!r}")
+            break
         if body is None:
             continue
         verdicts[body["verdict"]] += 1

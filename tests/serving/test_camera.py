@@ -30,6 +30,7 @@ class _Stub(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
         self.rfile.read(int(self.headers["Content-Length"]))
+        assert self.path.startswith("/v1/inspect?line_id=l+1&station_id=st")  # encoded
         self.seen.append((self.client_address[1], self.headers["Idempotency-Key"]))
         if len(self.seen) - 1 == self.drop:
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -68,7 +69,7 @@ def test_camera_keeps_its_connection_and_retries_a_lost_one_with_the_same_key(
         url=url,
         rate=100.0,
         count=3,
-        line_id="l",
+        line_id="l 1",
         station_id="st",
         api_key=None,
         seed=1,

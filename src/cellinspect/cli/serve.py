@@ -167,7 +167,8 @@ def camera(
         truth = str(rng.choice(ELECTRODE_CLASSES))
         image, _ = generate_electrode(truth, rng, size=size)
         cell = f"cell-{seed}-{i:05d}"
-        path = f"/v1/inspect?line_id={line_id}&station_id={station_id}&cell_id={cell}"
+        query = {"line_id": line_id, "station_id": station_id, "cell_id": cell}
+        path = f"/v1/inspect?{urllib.parse.urlencode(query)}"
         headers = {
             "Content-Type": "image/png",
             # One key per image, the same on every retry: a retry whose inspection was

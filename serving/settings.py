@@ -73,10 +73,11 @@ class Settings(BaseSettings):
     # owns (`serve --workers N` sets 0 when each worker's share is one core).
     decode_workers: int | None = Field(None, ge=0)
     decode_queue_size: int = Field(64, ge=1)  # requests waiting for a decode worker; beyond: 503
-    # How long an idle client connection is kept open (uvicorn's default is 5 s). Longer than
-    # a line camera's takt, so a camera pausing between cells keeps its connection instead of
-    # reconnecting for each image, or posting into one the server is just closing.
-    keep_alive_s: int = Field(75, ge=1, le=3600)
+    # How long an idle client connection is kept open; 5 s is uvicorn's own default. Longer
+    # spares a camera that pauses between cells its reconnects, but under 2x overload 75 s
+    # cut the accepted images/s by 20-30% (benchmarks/RESULTS.md, "Keep-alive"), so the
+    # default stays where the recorded benchmarks ran.
+    keep_alive_s: int = Field(5, ge=1, le=3600)
     # Input limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)

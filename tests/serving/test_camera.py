@@ -47,6 +47,22 @@ class _Stub(BaseHTTPRequestHandler):
         pass
 
 
+def run_camera(url: str, **overrides: object) -> None:
+    """`cellinspect camera` in-process: a few small tiles sent quickly, `overrides` on top."""
+    args: dict[str, object] = {
+        "url": url,
+        "rate": 100.0,
+        "count": 1,
+        "line_id": "l",
+        "station_id": "st",
+        "api_key": None,
+        "seed": 1,
+        "size": 32,
+        "retries": 1,
+    }
+    camera(**{**args, **overrides})
+
+
 @pytest.fixture
 def stub() -> Iterator[tuple[str, list[tuple[int, str]]]]:
     seen: list[tuple[int, str]] = []
@@ -65,17 +81,7 @@ def test_camera_keeps_its_connection_and_retries_a_lost_one_with_the_same_key(
     stub: tuple[str, list[tuple[int, str]]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     url, seen = stub
-    camera(
-        url=url,
-        rate=100.0,
-        count=3,
-        line_id="l 1",
-        station_id="st",
-        api_key=None,
-        seed=1,
-        size=32,
-        retries=2,
-    )
+    run_camera(url, count=3, line_id="l 1", retries=2)
     ports = [port for port, _ in seen]
     keys = [key for _, key in seen]
     # Image 0 and image 1's first try on one connection; it is lost, so image 1 goes
@@ -91,29 +97,9 @@ def test_camera_names_an_unreachable_service() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(ValueError, match=f"127.0.0.1:{port}: service not reachable"):
-        camera(
-            url=f"http://127.0.0.1:{port}",
-            rate=100.0,
-            count=1,
-            line_id="l",
-            station_id="st",
-            api_key=None,
-            seed=1,
-            size=32,
-            retries=1,
-        )
+        run_camera(f"http://127.0.0.1:{port}")
 
 
 def test_camera_refuses_a_url_that_is_not_http() -> None:
     with pytest.raises(ValueError, match="not an http:// or https:// URL"):
-        camera(
-            url="ftp://example",
-            rate=1.0,
-            count=1,
-            line_id="l",
-            station_id="st",
-            api_key=None,
-            seed=1,
-            size=32,
-            retries=0,
-        )
+        run_camera("ftp://example", retries=0)

@@ -84,11 +84,11 @@ class Checkpoint:
     def load(cls, run_dir: Path, which: ExportCheckpoint | None = None) -> Checkpoint:
         """The run's best or last checkpoint (None: the one its training config names)."""
         if which is None:  # best.pt's config names the checkpoint to export
-            best = _read_checkpoint(run_dir, ExportCheckpoint.BEST)
+            best = read_checkpoint(run_dir, ExportCheckpoint.BEST)
             which = ExportCheckpoint(best["config"].get("export_checkpoint", "best"))
-            state = best if which is ExportCheckpoint.BEST else _read_checkpoint(run_dir, which)
+            state = best if which is ExportCheckpoint.BEST else read_checkpoint(run_dir, which)
         else:
-            state = _read_checkpoint(run_dir, which)
+            state = read_checkpoint(run_dir, which)
         if which is ExportCheckpoint.LAST:
             warn_if_unfinished(run_dir / LAST, state)
         spec = PreprocessSpec.model_validate(state["preprocessing"])
@@ -124,7 +124,8 @@ class Checkpoint:
         return replace(self, model=model), views
 
 
-def _read_checkpoint(run_dir: Path, which: ExportCheckpoint) -> dict:
+def read_checkpoint(run_dir: Path, which: ExportCheckpoint) -> dict:
+    """The raw state of the run's best or last checkpoint (no model is built)."""
     path = run_dir / (BEST if which is ExportCheckpoint.BEST else LAST)
     if not path.is_file():
         if which is ExportCheckpoint.BEST:

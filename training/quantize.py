@@ -39,10 +39,10 @@ from cellinspect.models.predict import LoadedModel
 from cellinspect.models.store import ModelStore, sha256_file
 from cellinspect.training.choices import ExportCheckpoint
 from cellinspect.training.export import (
-    Checkpoint,
     evaluate_card,
     export_run,
     load_batch,
+    read_checkpoint,
     training_files,
 )
 
@@ -400,9 +400,9 @@ def export_int8(
         _, fp32_path = staging.load_verified(f"{name}@{fp32_card.version}")
 
         # Only the run's manifest is read from a checkpoint here, the same in each of them:
-        # best.pt, always there. Reloading the exported one would read last.pt again and
-        # repeat its warning of an unfinished run.
-        manifest = load_manifest(Checkpoint.load(run_dir, ExportCheckpoint.BEST).manifest_path)
+        # best.pt, always there, without building its model. Reloading the exported one
+        # would read last.pt again and repeat its warning of an unfinished run.
+        manifest = load_manifest(read_checkpoint(run_dir, ExportCheckpoint.BEST)["manifest_path"])
         # The INT8 version is calibrated for what its FP32 twin was (given or from the config),
         # on images read as the FP32 export read them.
         criteria = {k: getattr(fp32_card.operating_point, k) for k in criteria}

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from cellinspect.datasets.decode import read_image
+from cellinspect.datasets.decode import DEFAULT_MAX_PIXELS, read_image
 from cellinspect.datasets.manifest import Manifest, load_manifest
 from cellinspect.datasets.preprocess import PreprocessSpec, preprocess_batch
 from cellinspect.datasets.samples import Sample, Split
@@ -429,7 +429,7 @@ def export_run(
         raise ValueError(
             f"{ckpt.manifest_path}: data changed since training (manifest hash differs)"
         )
-    max_pixels = int(ckpt.config.get("max_pixels", 40_000_000))
+    max_pixels = int(ckpt.config.get("max_pixels", DEFAULT_MAX_PIXELS))
     by_split = {split: [s for s in manifest.samples if s.split == split] for split in Split}
     card = ModelCard(
         name=name,

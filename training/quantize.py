@@ -24,6 +24,7 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
+from cellinspect.datasets.decode import DEFAULT_MAX_PIXELS
 from cellinspect.datasets.manifest import load_manifest
 from cellinspect.datasets.samples import Sample, Split
 from cellinspect.models.card import (
@@ -406,7 +407,7 @@ def export_int8(
         # The INT8 version is calibrated for what its FP32 twin was (given or from the config),
         # on images read as the FP32 export read them.
         criteria = {k: getattr(fp32_card.operating_point, k) for k in criteria}
-        max_pixels = int(fp32_card.training_config.get("max_pixels", 40_000_000))
+        max_pixels = int(fp32_card.training_config.get("max_pixels", DEFAULT_MAX_PIXELS))
         by_split = {split: [s for s in manifest.samples if s.split == split] for split in Split}
 
         chosen = choose_calibration_samples(by_split[Split.TRAIN], calibration_samples, seed=seed)

@@ -11,3 +11,12 @@ class ExportCheckpoint(StrEnum):
 
     BEST = "best"  # the epoch with the best validation macro-F1 (best.pt)
     LAST = "last"  # the final epoch (last.pt): for schedules that run to the end
+
+
+class FitSplits(StrEnum):
+    """The manifest splits a run trains on."""
+
+    TRAIN = "train"  # validation held out: epochs, temperature and operating point fitted on it
+    # Validation trained on too (a refit, once the recipe is fixed): no epoch is validated,
+    # and export calibrates with a twin run of the same recipe on train alone.
+    TRAIN_VAL = "train+val"

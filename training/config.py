@@ -20,7 +20,7 @@ from pydantic import (
 from cellinspect.datasets.preprocess import ResizeMode
 from cellinspect.models.card import ViewSet, check_views_fit
 from cellinspect.training.augment import AugmentPreset
-from cellinspect.training.choices import ExportCheckpoint
+from cellinspect.training.choices import ExportCheckpoint, FitSplits
 from cellinspect.training.networks import Arch
 
 
@@ -106,6 +106,11 @@ class TrainConfig(BaseModel):
     # Test-time views the exported graph averages (models.card.ViewSet); export's --views
     # overrides it. Not used in training: validation during training sees the plain image.
     test_time_views: ViewSet = ViewSet.NONE
+    # `train+val` refits the fixed recipe on the validation images too (25% more data for
+    # ELPV); with nothing held out, no epoch is validated or picked, and export fits the
+    # temperature and operating point on the validation predictions of a twin run fitted on
+    # train alone (`cellinspect export RUN --calibrate-with TWIN`).
+    fit_on: FitSplits = FitSplits.TRAIN
 
     @field_validator("img_size", mode="before")
     @classmethod
@@ -142,6 +147,15 @@ class TrainConfig(BaseModel):
     def _check_confidence(self) -> TrainConfig:
         if self.confidence is not None and self.max_escape is self.target_auto_accuracy is None:
             raise ValueError("confidence bounds max_escape or target_auto_accuracy: set one")
+        return self
+
+    @model_validator(mode="after")
+    def _check_fit_on(self) -> TrainConfig:
+        if self.fit_on is FitSplits.TRAIN_VAL and self.export_checkpoint is ExportCheckpoint.BEST:
+            raise ValueError(
+                "fit_on train+val holds no validation images to pick the best epoch with: "
+                "set export_checkpoint: last"
+            )
         return self
 
     @model_validator(mode="after")

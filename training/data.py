@@ -22,6 +22,7 @@ from cellinspect.datasets.manifest import Manifest, build_manifest, load_manifes
 from cellinspect.datasets.preprocess import PreprocessSpec, normalize, prepare
 from cellinspect.datasets.samples import Sample, Split
 from cellinspect.datasets.synth.el_cracks import paint_el_cracks
+from cellinspect.training.choices import FitSplits
 from cellinspect.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ GOOD_CLASS_NAMES = ("ok", "good", "pass", "normal", "functional")  # functional:
 
 @dataclass
 class TrainingData:
-    """The resolved data of one run: its manifest, classes and the samples of each split."""
+    """The resolved data of one run: its manifest, classes and the samples of each split
+    as the run uses them (fitted on train+val: validation moved into train, none left)."""
 
     manifest: Manifest
     manifest_path: Path
@@ -116,6 +118,9 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
     for split in (Split.TRAIN, Split.VAL):
         if not splits[split]:
             raise ValueError(f"{path}: the {split.value} split is empty")
+    if cfg.fit_on is FitSplits.TRAIN_VAL:  # nothing held out: the fit loop validates nothing
+        splits[Split.TRAIN] = splits[Split.TRAIN] + splits[Split.VAL]
+        splits[Split.VAL] = []
     class_names = list(manifest.classes)
     return TrainingData(
         manifest=manifest,

@@ -45,7 +45,7 @@ from cellinspect.models.leakage import TRAINING_HASHES_FILE, training_hashes_tex
 from cellinspect.models.metrics import evaluate_predictions
 from cellinspect.models.predict import LoadedModel, softmax
 from cellinspect.models.store import ModelStore
-from cellinspect.training.choices import ExportCheckpoint
+from cellinspect.training.choices import ExportCheckpoint, FitSplits
 from cellinspect.training.fit import BEST, LAST
 from cellinspect.training.networks import ExportableClassifier, create_model, has_aux_cam_weights
 from cellinspect.training.views import with_views
@@ -83,10 +83,14 @@ class Checkpoint:
     @classmethod
     def load(cls, run_dir: Path, which: ExportCheckpoint | None = None) -> Checkpoint:
         """The run's best or last checkpoint (None: the one its training config names)."""
-        if which is None:  # best.pt's config names the checkpoint to export
-            best = read_checkpoint(run_dir, ExportCheckpoint.BEST)
-            which = ExportCheckpoint(best["config"].get("export_checkpoint", "best"))
-            state = best if which is ExportCheckpoint.BEST else read_checkpoint(run_dir, which)
+        if which is None:  # the training config names the checkpoint to export
+            # A run fitted on train+val has no best.pt; every other trained run has both.
+            refit = not (run_dir / BEST).is_file() and (run_dir / LAST).is_file()
+            first = ExportCheckpoint.LAST if refit else ExportCheckpoint.BEST
+            state = read_checkpoint(run_dir, first)
+            which = ExportCheckpoint(state["config"].get("export_checkpoint", "best"))
+            if which is not first:
+                state = read_checkpoint(run_dir, which)
         else:
             state = read_checkpoint(run_dir, which)
         if which is ExportCheckpoint.LAST:
@@ -128,6 +132,11 @@ def read_checkpoint(run_dir: Path, which: ExportCheckpoint) -> dict:
     """The raw state of the run's best or last checkpoint (no model is built)."""
     path = run_dir / (BEST if which is ExportCheckpoint.BEST else LAST)
     if not path.is_file():
+        if which is ExportCheckpoint.BEST and (run_dir / LAST).is_file():
+            raise FileNotFoundError(
+                f"{path}: no best checkpoint (a run fitted on train+val picks no epoch); "
+                "export its last one"
+            )
         if which is ExportCheckpoint.BEST:
             raise FileNotFoundError(f"{path}: no best checkpoint; train this run first")
         raise FileNotFoundError(f"{path}: no last checkpoint in this run; train it first")
@@ -359,16 +368,20 @@ def evaluate_card(
     *,
     reliability_plot: Path | None = None,
     score_test: bool = True,
+    calibrator: LoadedModel | None = None,
 ) -> None:
     """Fill `card`'s temperature, operating point and val/test/held-out metrics through ORT.
 
     One function for every exported model (FP32 and INT8), so QA compares like with like.
     Without `score_test` the test split is not read: screening variants on validation
-    leaves it unseen until the final figures.
+    leaves it unseen until the final figures. `calibrator` stands in for `loaded` on the
+    validation split when `loaded` was fitted on it (train+val): the twin run fitted on
+    train alone gives the validation logits, and so the temperature, operating point and
+    validation figures.
     """
     val = by_split[Split.VAL]
     if val:
-        logits, labels = split_logits(loaded, val, max_pixels)
+        logits, labels = split_logits(calibrator or loaded, val, max_pixels)
         data = DatasetRef(manifest_hash=manifest.hash, split=Split.VAL.value, count=len(val))
         calibrate(card, logits, labels, data, **criteria)
         if reliability_plot is not None:
@@ -383,6 +396,35 @@ def evaluate_card(
     if heldout is not None:
         held = load_manifest(Path(heldout))
         card.metrics["heldout"] = evaluate_split(loaded, held.samples, held, "all", max_pixels)
+
+
+def fitted_on(config: dict) -> FitSplits:
+    """The splits a run was fitted on (runs from before `fit_on`: train)."""
+    return FitSplits(config.get("fit_on", FitSplits.TRAIN))
+
+
+def calibration_twin(path: Path, ckpt: Checkpoint, views: ViewSet, run_dir: Path) -> Checkpoint:
+    """The run at `path` that calibrates `ckpt`, a run fitted on train+val: the same data,
+    classes, input and network, fitted on train alone; at `ckpt`'s checkpoint choice
+    (its final epoch), exporting the same `views`."""
+    twin, _ = Checkpoint.load(path, ckpt.which).with_views(views)
+    problems = []
+    if fitted_on(twin.config) is not FitSplits.TRAIN:
+        problems.append(
+            "it was fitted on train+val too, so its validation predictions are in-sample"
+        )
+    for what, mine, theirs in (
+        ("data (manifest hash)", ckpt.manifest_hash, twin.manifest_hash),
+        ("classes", ckpt.class_names, twin.class_names),
+        ("good class", ckpt.good_class, twin.good_class),
+        ("preprocessing", ckpt.spec, twin.spec),
+        ("network", ckpt.config["arch"], twin.config["arch"]),
+    ):
+        if mine != theirs:
+            problems.append(f"its {what} differs")
+    if problems:
+        raise ValueError(f"{path}: cannot calibrate {run_dir}: {'; '.join(problems)}")
+    return twin
 
 
 def training_files(manifest: Manifest) -> dict[str, bytes]:
@@ -406,6 +448,7 @@ def export_run(
     views: ViewSet | None = None,
     score_test: bool = True,
     checkpoint: ExportCheckpoint | None = None,
+    calibrate_with: str | Path | None = None,
 ) -> ModelCard:
     """Export the run's best (or last) checkpoint, gate on parity, calibrate on the
     validation split, evaluate (the test split too unless `score_test` is off), and publish
@@ -413,10 +456,27 @@ def export_run(
 
     Operating-point criteria, test-time `views` and the `checkpoint` not given here are read
     from the training config when it has them; with no criteria, the default point is kept
-    (see `calibrate`).
+    (see `calibrate`). A run fitted on train+val needs `calibrate_with`, its twin fitted on
+    train alone (`calibration_twin`): the twin's validation predictions fit the temperature
+    and operating point, as scikit-learn's CalibratedClassifierCV(ensemble=False) calibrates
+    a model refitted on all data with predictions of models that did not see them.
     """
     run_dir = Path(run_dir)
     ckpt, views = Checkpoint.load(run_dir, checkpoint).with_views(views)
+    refit = fitted_on(ckpt.config) is FitSplits.TRAIN_VAL
+    if refit and calibrate_with is None:
+        raise ValueError(
+            f"{run_dir} was fitted on train+val, so its validation predictions are in-sample: "
+            "pass --calibrate-with, a run of the same recipe and data fitted on train, to fit "
+            "the temperature and operating point"
+        )
+    if not refit and calibrate_with is not None:
+        raise ValueError(
+            f"{run_dir} was fitted on train and calibrates on its own validation split; "
+            "--calibrate-with is for runs fitted on train+val"
+        )
+    twin_dir = None if calibrate_with is None else Path(calibrate_with).absolute()
+    twin = None if twin_dir is None else calibration_twin(twin_dir, ckpt, views, run_dir)
     criteria = {
         "cost_ratio": cost_ratio,
         "max_escape": max_escape,
@@ -431,6 +491,19 @@ def export_run(
         )
     max_pixels = int(ckpt.config.get("max_pixels", DEFAULT_MAX_PIXELS))
     by_split = {split: [s for s in manifest.samples if s.split == split] for split in Split}
+    trained_on = by_split[Split.TRAIN] + (by_split[Split.VAL] if refit else [])
+    calibrated_with = (
+        {}
+        if twin is None
+        else {
+            "calibrated_with": {
+                "run": str(twin_dir),
+                "checkpoint": twin.which.value,
+                "epoch": twin.epoch,
+                "seed": twin.config.get("seed"),
+            }
+        }
+    )
     card = ModelCard(
         name=name,
         arch=str(ckpt.config["arch"]),
@@ -439,12 +512,13 @@ def export_run(
         preprocessing=ckpt.spec,
         opset=OPSET,
         training_data=DatasetRef(
-            manifest_hash=manifest.hash, split=Split.TRAIN.value, count=len(by_split[Split.TRAIN])
+            manifest_hash=manifest.hash, split=fitted_on(ckpt.config).value, count=len(trained_on)
         ),
         training_config={
             **ckpt.config,
             "exported_checkpoint": ckpt.which.value,
             "exported_epoch": ckpt.epoch,
+            **calibrated_with,
         },
         code_commit=code_commit(),
         output_names=output_names(ckpt.model),
@@ -456,15 +530,27 @@ def export_run(
         export_onnx(ckpt, onnx_path)
         loaded = LoadedModel.from_files(onnx_path, card)
         parity_set = (by_split[Split.VAL] or by_split[Split.TRAIN])[:parity_samples]
-        card.parity = check_parity(
-            ckpt, loaded, load_batch(parity_set, ckpt.spec, max_pixels), tolerance
-        )
+        parity_batch = load_batch(parity_set, ckpt.spec, max_pixels)
+        card.parity = check_parity(ckpt, loaded, parity_batch, tolerance)
         log.info(
             "parity: max |ORT - torch| = %.2e (heatmaps: %s) on %d samples",
             card.parity["max_abs_diff"],
             f"{card.parity['heatmap_max_abs_diff']:.2e}" if loaded.has_heatmap else "none",
             len(parity_set),
         )
+        calibrator = None
+        if twin is not None:
+            twin_path = Path(tmp) / "twin.onnx"
+            export_onnx(twin, twin_path)
+            twin_card = card.model_copy(
+                update={
+                    "output_names": output_names(twin.model),
+                    "heatmap": heatmap_source(twin.model),
+                }
+            )
+            calibrator = LoadedModel.from_files(twin_path, twin_card)
+            check_parity(twin, calibrator, parity_batch, tolerance)  # same spec: checked
+            log.info("calibrating with %s (epoch %d, fitted on train)", twin_dir, twin.epoch + 1)
         if not by_split[Split.VAL]:
             log.warning("no validation split: temperature and operating point left at defaults")
         evaluate_card(
@@ -477,5 +563,6 @@ def export_run(
             criteria,
             reliability_plot=run_dir / RELIABILITY_PLOT,
             score_test=score_test,
+            calibrator=calibrator,
         )
         return store.publish(onnx_path, card, extra_files=training_files(manifest))

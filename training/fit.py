@@ -290,6 +290,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
     train_x = prepare_all(data.splits[Split.TRAIN], spec, max_pixels=cfg.max_pixels)
     val_x = prepare_all(data.splits[Split.VAL], spec, max_pixels=cfg.max_pixels)
     log.info("decoded %d images in %.1fs", len(train_x) + len(val_x), time.perf_counter() - t0)
+    held_out = len(val_x) > 0  # fit_on train+val leaves nothing to validate on
 
     counts = np.bincount(train_y, minlength=n_classes).astype(np.float64)
     missing = [c for c, n in zip(data.class_names, counts, strict=True) if n == 0]
@@ -401,7 +402,7 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
         record = {
             "epoch": epoch,
             "train_loss": loss,
-            **validate(evaluated, val_loader, val_y, device),
+            **(validate(evaluated, val_loader, val_y, device) if held_out else {}),
         }
         record.update(
             lr=float(scheduler.get_last_lr()[0]),
@@ -410,10 +411,11 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
         )
         with open(run_dir / METRICS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        improved = record["val_macro_f1"] > best["macro_f1"] + 1e-6
+        # Fitted on train+val, no epoch is validated: no best.pt, no early stop.
+        improved = held_out and record["val_macro_f1"] > best["macro_f1"] + 1e-6
         if improved:
             best, stale = {"macro_f1": record["val_macro_f1"], "epoch": epoch}, 0
-        else:
+        elif held_out:
             stale += 1
         # With EMA, "model" holds the averaged weights (the ones exported), "train_model" the
         # raw ones that resuming continues from.
@@ -429,15 +431,23 @@ def fit(cfg: TrainConfig, *, progress: bool = True) -> FitResult:
             save_atomic(state, run_dir / BEST)
         save_atomic(state, run_dir / LAST)
         epochs_run += 1
-        log.info(
-            "epoch %d: loss %.4f val macro-F1 %.4f acc %.4f (%.0f img/s)%s",
-            epoch + 1,
-            loss,
-            record["val_macro_f1"],
-            record["val_accuracy"],
-            seen / seconds,
-            " *" if improved else "",
-        )
+        if held_out:
+            log.info(
+                "epoch %d: loss %.4f val macro-F1 %.4f acc %.4f (%.0f img/s)%s",
+                epoch + 1,
+                loss,
+                record["val_macro_f1"],
+                record["val_accuracy"],
+                seen / seconds,
+                " *" if improved else "",
+            )
+        else:
+            log.info(
+                "epoch %d: loss %.4f (%.0f img/s; fitted on train+val, nothing validated)",
+                epoch + 1,
+                loss,
+                seen / seconds,
+            )
         if stale >= cfg.patience:
             stopped_early = epoch + 1 < cfg.epochs
             break

@@ -38,10 +38,11 @@ from cellinspect.models.card import (
 from cellinspect.models.evaluate import measure_throughput
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.store import ModelStore, sha256_file
-from cellinspect.training.choices import ExportCheckpoint
+from cellinspect.training.choices import ExportCheckpoint, FitSplits
 from cellinspect.training.export import (
     evaluate_card,
     export_run,
+    fitted_on,
     load_batch,
     read_checkpoint,
     training_files,
@@ -372,6 +373,7 @@ def export_int8(
     views: ViewSet | None = None,
     score_test: bool = True,
     checkpoint: ExportCheckpoint | None = None,
+    calibrate_with: str | Path | None = None,
 ) -> tuple[ModelCard, ModelCard]:
     """Export the run to FP32 (parity-gated, as `export_run`), quantize it to INT8, gate on
     top-1 agreement on the validation split, evaluate, and publish both: (fp32, int8) cards.
@@ -379,6 +381,16 @@ def export_int8(
     Both versions are published only when both gates pass; on a refusal the store is untouched.
     """
     run_dir = Path(run_dir)
+    # Only the run's manifest and config are read from a checkpoint here, the same in each
+    # of them: last.pt, always there (best.pt is not, for a run fitted on train+val),
+    # without building its model. Reloading the exported one would repeat its warnings.
+    state = read_checkpoint(run_dir, ExportCheckpoint.LAST)
+    if fitted_on(state["config"]) is FitSplits.TRAIN_VAL:
+        raise ValueError(
+            f"{run_dir} was fitted on train+val: INT8 export would gate and calibrate its INT8 "
+            "model on its own training images (no INT8 twin); export it in FP32, without "
+            "--quantize"
+        )
     criteria = {
         "cost_ratio": cost_ratio,
         "max_escape": max_escape,
@@ -396,14 +408,12 @@ def export_int8(
             views=views,
             score_test=score_test,
             checkpoint=checkpoint,
+            calibrate_with=calibrate_with,  # refused: for train+val runs only
             **criteria,
         )
         _, fp32_path = staging.load_verified(f"{name}@{fp32_card.version}")
 
-        # Only the run's manifest is read from a checkpoint here, the same in each of them:
-        # best.pt, always there, without building its model. Reloading the exported one
-        # would read last.pt again and repeat its warning of an unfinished run.
-        manifest = load_manifest(read_checkpoint(run_dir, ExportCheckpoint.BEST)["manifest_path"])
+        manifest = load_manifest(state["manifest_path"])
         # The INT8 version is calibrated for what its FP32 twin was (given or from the config),
         # on images read as the FP32 export read them.
         criteria = {k: getattr(fp32_card.operating_point, k) for k in criteria}

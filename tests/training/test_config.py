@@ -48,6 +48,17 @@ def test_confidence_needs_a_criterion_it_can_hold(tmp_path) -> None:
     assert resolve_config(yaml_path=path).confidence == 0.95
 
 
+def test_fit_on_train_and_val_needs_the_last_checkpoint(tmp_path) -> None:
+    path = tmp_path / "refit.yaml"
+    path.write_text("data: d\nout: o\nfit_on: train+val\n")
+    with pytest.raises(ConfigError, match=r"refit\.yaml.*export_checkpoint: last"):
+        resolve_config(yaml_path=path)
+    path.write_text("data: d\nout: o\nfit_on: train+val\nexport_checkpoint: last\n")
+    assert resolve_config(yaml_path=path).fit_on == "train+val"
+    with pytest.raises(ConfigError, match="fit_on"):
+        resolve_config(overrides={"data": "d", "out": "o", "fit_on": "val"})
+
+
 def test_missing_and_malformed_yaml_are_named(tmp_path) -> None:
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         resolve_config(yaml_path=tmp_path / "missing.yaml")

@@ -35,6 +35,7 @@ from cellinspect.training.data import (
 from cellinspect.training.export import Checkpoint, ExportParityError, export_run
 from cellinspect.training.fit import BEST, CONFIG, LAST, METRICS, build_spec, fit
 from cellinspect.training.networks import has_aux_cam_weights
+from cellinspect.training.quantize import export_int8
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +288,101 @@ def test_export_refuses_quarter_turns_of_a_rectangular_input(tiny_data, tmp_path
     with pytest.raises(ValueError, match="needs a square input, not 48x64"):
         export_run(cfg.run_dir, store=store, name="x", views=ViewSet.ISOTROPIC)
     assert store.list_models() == []
+
+
+@pytest.fixture(scope="module")
+def refit_run(trained_run, tmp_path_factory) -> TrainConfig:
+    """`trained_run`'s recipe and data (its manifest) fitted on train+val: its refit."""
+    cfg = TrainConfig.model_validate(
+        {
+            **trained_run.model_dump(),
+            "data": str(load_training_data(trained_run).manifest_path),
+            "out": str(tmp_path_factory.mktemp("refit")),
+            "epochs": 1,
+            "fit_on": "train+val",
+            "export_checkpoint": "last",
+        }
+    )
+    fit(cfg, progress=False)
+    return cfg
+
+
+def test_fit_on_train_and_val_trains_on_both_and_validates_nothing(refit_run) -> None:
+    data = load_training_data(refit_run)
+    manifest = load_manifest(refit_run.data)
+    assert sorted(s.sha256 for s in data.splits[Split.TRAIN]) == sorted(
+        s.sha256 for s in manifest.samples if s.split in (Split.TRAIN, Split.VAL)
+    )
+    assert data.splits[Split.VAL] == []
+    run = refit_run.run_dir
+    assert (run / LAST).is_file() and not (run / BEST).is_file()  # no epoch is picked
+    (record,) = [json.loads(x) for x in (run / METRICS).read_text().splitlines()]
+    assert record["train_loss"] > 0 and not any(k.startswith("val_") for k in record)
+
+
+def test_a_refit_exports_only_with_a_twin_fitted_on_train(trained_run, refit_run, tmp_path) -> None:
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(ValueError, match=r"fitted on train\+val.*pass --calibrate-with"):
+        export_run(refit_run.run_dir, store=store, name="tiny-refit", score_test=False)
+    # The twin's final epoch, exported alone: what the refit's calibration must equal.
+    alone = export_run(
+        trained_run.run_dir,
+        store=store,
+        name="tiny-twin",
+        score_test=False,
+        checkpoint=ExportCheckpoint.LAST,
+    )
+    card = export_run(
+        refit_run.run_dir, store=store, name="tiny-refit", calibrate_with=trained_run.run_dir
+    )
+    assert card.onnx_sha256 != alone.onnx_sha256  # the refit's own weights are published...
+    assert card.temperature == alone.temperature  # ...calibrated on the twin's predictions
+    assert card.calibration.logits == alone.calibration.logits
+    assert card.operating_point == alone.operating_point
+    assert card.metrics["val"] == alone.metrics["val"]
+    assert "test" in card.metrics and card.metrics["test"] != alone.metrics.get("test")
+    manifest = load_manifest(refit_run.data)
+    assert (card.training_data.split, card.training_data.count) == (
+        "train+val",
+        sum(s.split in (Split.TRAIN, Split.VAL) for s in manifest.samples),
+    )
+    twin = card.training_config["calibrated_with"]
+    assert (twin["run"], twin["checkpoint"]) == (str(trained_run.run_dir.absolute()), "last")
+    shown = CliRunner().invoke(
+        app, ["models", "show", f"tiny-refit@{card.version}", "--store", str(store.root)]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "images, train+val)" in shown.output and "calibrated with" in shown.output
+    # A twin must be fitted on train alone; a run fitted on train needs none.
+    with pytest.raises(ValueError, match=r"cannot calibrate .*fitted on train\+val too"):
+        export_run(refit_run.run_dir, store=store, name="x", calibrate_with=refit_run.run_dir)
+    with pytest.raises(ValueError, match=r"--calibrate-with is for runs fitted on train\+val"):
+        export_run(trained_run.run_dir, store=store, name="x", calibrate_with=refit_run.run_dir)
+    # INT8 would gate and calibrate its INT8 model on the refit's own training images.
+    with pytest.raises(ValueError, match=r"fitted on train\+val: INT8 export"):
+        export_int8(refit_run.run_dir, store=store, name="x", calibrate_with=trained_run.run_dir)
+
+
+def test_a_refit_twin_must_share_data_input_and_network(
+    trained_run, refit_run, tiny_data, tmp_path
+) -> None:
+    other = TrainConfig(
+        data=str(tiny_data),
+        out=str(tmp_path / "other"),
+        epochs=1,
+        img_size=48,
+        arch="resnet18_half",
+        batch_size=16,
+        workers=0,
+    )
+    fit(other, progress=False)
+    with pytest.raises(ValueError, match="preprocessing differs; its network differs"):
+        export_run(
+            refit_run.run_dir,
+            store=ModelStore(tmp_path / "store"),
+            name="x",
+            calibrate_with=other.run_dir,
+        )
 
 
 def test_export_without_training_names_missing_checkpoint(tmp_path) -> None:

@@ -130,9 +130,17 @@ def render_card(card: ModelCard) -> None:
     if card.derived_from:
         console.print(f"derived    from {card.derived_from} (same ONNX file, new operating point)")
     if card.training_data:
+        split = card.training_data.split
         console.print(
             f"trained on manifest {card.training_data.manifest_hash[:12]} "
-            f"({card.training_data.count} images), commit {card.code_commit or 'unknown'}"
+            f"({card.training_data.count} images{f', {split}' if split else ''}), "
+            f"commit {card.code_commit or 'unknown'}"
+        )
+    twin = card.training_config.get("calibrated_with")
+    if twin:
+        console.print(
+            f"calibrated with {twin['run']} (epoch {twin['epoch'] + 1}, fitted on train): "
+            "its validation predictions, as this model trained on them"
         )
     if card.quantization:
         p = card.parity

@@ -16,7 +16,7 @@ from rich.markup import escape
 from cellinspect.cli.common import console, err_console, home, store_root
 from cellinspect.datasets.synth import SynthKind
 from cellinspect.models.card import ViewSet
-from cellinspect.training.choices import ExportCheckpoint
+from cellinspect.training.choices import ExportCheckpoint, FitSplits
 
 DEMO_MODEL = "electrode-defects"
 
@@ -51,6 +51,13 @@ def train(
     weights: Path | None = typer.Option(None, help="Local pretrained weights (never downloaded)."),
     device: str | None = typer.Option(None, help="auto, cpu or cuda[:N] [auto]."),
     seed: int | None = typer.Option(None, help="Training seed [0]."),
+    fit_on: FitSplits | None = typer.Option(
+        None,
+        help="train: hold the validation split out (it picks epochs and fits the temperature "
+        "and operating point at export); train+val: refit the fixed recipe on the validation "
+        "images too, nothing validated, exported with --calibrate-with a twin run fitted on "
+        "train [train].",
+    ),
     skip_bad: bool | None = typer.Option(
         None, "--skip-bad/--no-skip-bad", help="Skip unreadable images."
     ),
@@ -76,14 +83,24 @@ def train(
             "weights": None if weights is None else str(weights),
             "device": device,
             "seed": seed,
+            "fit_on": fit_on,
             "skip_bad": skip_bad,
         },
     )
     result = fit(cfg)
+    ran = (
+        f"{result.epochs_run} epoch(s) run{', stopped early' if result.stopped_early else ''}; "
+        f"{result.train_images_per_s:.0f} img/s"
+    )
+    if cfg.fit_on is FitSplits.TRAIN_VAL:
+        console.print(
+            f"run {result.run_dir}: fitted on train+val, nothing validated ({ran}); export it "
+            "with --calibrate-with a run of the same recipe fitted on train"
+        )
+        return
     console.print(
         f"run {result.run_dir}: best validation macro-F1 {result.best_val_macro_f1:.4f} "
-        f"at epoch {result.best_epoch + 1} ({result.epochs_run} epoch(s) run"
-        f"{', stopped early' if result.stopped_early else ''}; {result.train_images_per_s:.0f} img/s)"
+        f"at epoch {result.best_epoch + 1} ({ran})"
     )
 
 
@@ -114,6 +131,13 @@ def export(
         "config's export_checkpoint (best if it has none).",
         case_sensitive=False,
     ),
+    calibrate_with: Path | None = typer.Option(
+        None,
+        help="For a run fitted on train+val (its validation images are training images): a "
+        "twin run of the same recipe and data fitted on train alone, whose validation "
+        "predictions (same checkpoint choice and views) fit the temperature and operating "
+        "point.",
+    ),
     score_test: bool = typer.Option(
         True,
         "--test/--no-test",
@@ -138,6 +162,7 @@ def export(
         "views": views,
         "score_test": score_test,
         "checkpoint": checkpoint,
+        "calibrate_with": calibrate_with,
     }
     if quantize is Quantize.NONE:
         card = export_run(run_dir, **options)

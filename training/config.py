@@ -151,11 +151,14 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_fit_on(self) -> TrainConfig:
+        """Fitted on train+val, the last checkpoint is the only one: the default follows."""
         if self.fit_on is FitSplits.TRAIN_VAL and self.export_checkpoint is ExportCheckpoint.BEST:
-            raise ValueError(
-                "fit_on train+val holds no validation images to pick the best epoch with: "
-                "set export_checkpoint: last"
-            )
+            if "export_checkpoint" in self.model_fields_set:
+                raise ValueError(
+                    "fit_on train+val holds no validation images to pick the best epoch "
+                    "with: set export_checkpoint: last"
+                )
+            self.export_checkpoint = ExportCheckpoint.LAST
         return self
 
     @model_validator(mode="after")

@@ -48,13 +48,14 @@ def test_confidence_needs_a_criterion_it_can_hold(tmp_path) -> None:
     assert resolve_config(yaml_path=path).confidence == 0.95
 
 
-def test_fit_on_train_and_val_needs_the_last_checkpoint(tmp_path) -> None:
+def test_fit_on_train_and_val_exports_the_last_checkpoint(tmp_path) -> None:
     path = tmp_path / "refit.yaml"
     path.write_text("data: d\nout: o\nfit_on: train+val\n")
+    assert resolve_config(yaml_path=path).export_checkpoint == "last"  # the only one kept
+    assert resolve_config(overrides={"data": "d", "out": "o"}).export_checkpoint == "best"
+    path.write_text("data: d\nout: o\nfit_on: train+val\nexport_checkpoint: best\n")
     with pytest.raises(ConfigError, match=r"refit\.yaml.*export_checkpoint: last"):
         resolve_config(yaml_path=path)
-    path.write_text("data: d\nout: o\nfit_on: train+val\nexport_checkpoint: last\n")
-    assert resolve_config(yaml_path=path).fit_on == "train+val"
     with pytest.raises(ConfigError, match="fit_on"):
         resolve_config(overrides={"data": "d", "out": "o", "fit_on": "val"})
 

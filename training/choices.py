@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from cellinspect.datasets.samples import Split
+
 
 class ExportCheckpoint(StrEnum):
     """Which of a run's checkpoints `export` publishes."""
@@ -20,3 +22,8 @@ class FitSplits(StrEnum):
     # Validation trained on too (a refit, once the recipe is fixed): no epoch is validated,
     # and export calibrates with a twin run of the same recipe on train alone.
     TRAIN_VAL = "train+val"
+
+    @property
+    def splits(self) -> tuple[Split, ...]:
+        """The manifest splits whose samples the run trains on."""
+        return (Split.TRAIN, Split.VAL) if self is FitSplits.TRAIN_VAL else (Split.TRAIN,)

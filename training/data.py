@@ -119,7 +119,7 @@ def load_training_data(cfg: TrainConfig) -> TrainingData:
         if not splits[split]:
             raise ValueError(f"{path}: the {split.value} split is empty")
     if cfg.fit_on is FitSplits.TRAIN_VAL:  # nothing held out: the fit loop validates nothing
-        splits[Split.TRAIN] = splits[Split.TRAIN] + splits[Split.VAL]
+        splits[Split.TRAIN] = [s for split in cfg.fit_on.splits for s in splits[split]]
         splits[Split.VAL] = []
     class_names = list(manifest.classes)
     return TrainingData(

@@ -463,7 +463,8 @@ def export_run(
     """
     run_dir = Path(run_dir)
     ckpt, views = Checkpoint.load(run_dir, checkpoint).with_views(views)
-    refit = fitted_on(ckpt.config) is FitSplits.TRAIN_VAL
+    fit_on = fitted_on(ckpt.config)
+    refit = fit_on is FitSplits.TRAIN_VAL
     if refit and calibrate_with is None:
         raise ValueError(
             f"{run_dir} was fitted on train+val, so its validation predictions are in-sample: "
@@ -491,7 +492,6 @@ def export_run(
         )
     max_pixels = int(ckpt.config.get("max_pixels", DEFAULT_MAX_PIXELS))
     by_split = {split: [s for s in manifest.samples if s.split == split] for split in Split}
-    trained_on = by_split[Split.TRAIN] + (by_split[Split.VAL] if refit else [])
     calibrated_with = (
         {}
         if twin is None
@@ -512,7 +512,9 @@ def export_run(
         preprocessing=ckpt.spec,
         opset=OPSET,
         training_data=DatasetRef(
-            manifest_hash=manifest.hash, split=fitted_on(ckpt.config).value, count=len(trained_on)
+            manifest_hash=manifest.hash,
+            split=fit_on.value,
+            count=sum(len(by_split[split]) for split in fit_on.splits),
         ),
         training_config={
             **ckpt.config,

@@ -22,6 +22,7 @@ from cellinspect.models.card import (
     CalibrationData,
     DatasetRef,
     ModelCard,
+    OperatingCriteria,
     OperatingPoint,
     TradeOffPoint,
 )
@@ -511,11 +512,7 @@ def _trade_off(r: _Ranking, bands: _Bands, centre: tuple[int, float] | None) -> 
 def choose_operating_point(
     p: np.ndarray,
     is_defect: np.ndarray,
-    *,
-    cost_ratio: float | None = None,
-    max_escape: float | None = None,
-    target_auto_accuracy: float | None = None,
-    confidence: float | None = None,
+    criteria: OperatingCriteria,
 ) -> tuple[OperatingPoint, TradeOffCurve]:
     """Thresholds for calibrated defect probabilities `p` from validation cells with known truth.
 
@@ -534,19 +531,10 @@ def choose_operating_point(
     Returns the point (with its validation figures) and the trade-off curve: the most accurate
     band for each review budget of 0..100% under the same constraints.
     """
-    if cost_ratio is None and max_escape is None and target_auto_accuracy is None:
+    if not criteria.chooses:
         raise ValueError("give at least one of cost_ratio, max_escape, target_auto_accuracy")
-    if cost_ratio is not None and not (cost_ratio > 0 and math.isfinite(cost_ratio)):
-        raise ValueError(f"cost_ratio must be a positive number, got {cost_ratio}")
-    if max_escape is not None and not 0 <= max_escape <= 1:
-        raise ValueError(f"max_escape must be within [0, 1], got {max_escape}")
-    if target_auto_accuracy is not None and not 0 < target_auto_accuracy <= 1:
-        raise ValueError(f"target_auto_accuracy must be within (0, 1], got {target_auto_accuracy}")
-    if confidence is not None:
-        if not 0 < confidence < 1:
-            raise ValueError(f"confidence must be within (0, 1), got {confidence}")
-        if max_escape is None and target_auto_accuracy is None:
-            raise ValueError("confidence bounds max_escape or target_auto_accuracy: give one")
+    cost_ratio, max_escape = criteria.cost_ratio, criteria.max_escape
+    target_auto_accuracy, confidence = criteria.target_auto_accuracy, criteria.confidence
     p, d = _check_scores(p, is_defect)
     r = _Ranking(p, d)
     max_low = r.last_gap
@@ -582,20 +570,11 @@ def choose_operating_point(
             )
         low = _threshold(r, int(bands.low[best]), centre)
         high = _threshold(r, int(bands.high[best]), centre)
-    given = {
-        "cost_ratio": cost_ratio,
-        "max_escape": max_escape,
-        "target_auto_accuracy": target_auto_accuracy,
-        "confidence": confidence,
-    }
     point = OperatingPoint(
         review_low=low,
         scrap_threshold=high,
-        method="+".join(k for k, v in given.items() if v is not None),
-        cost_ratio=cost_ratio,
-        max_escape=max_escape,
-        target_auto_accuracy=target_auto_accuracy,
-        confidence=confidence,
+        method=criteria.method,
+        **criteria.given(),
         **measure_figures(p, d, low, high).as_point_fields(confidence),
     )
     return point, _trade_off(r, bands, centre)
@@ -617,24 +596,13 @@ def measure_operating_point(
 def publish_operating_point(
     store: ModelStore,
     ref: str | ModelRef,
-    *,
-    cost_ratio: float | None = None,
-    max_escape: float | None = None,
-    target_auto_accuracy: float | None = None,
-    confidence: float | None = None,
+    criteria: OperatingCriteria,
 ) -> ModelCard:
     """Re-choose the point of a stored version from its validation predictions; publish the
     same ONNX file with the new card as the next version (aliases are not moved)."""
     card, onnx_path = store.load_verified(ref)
     p, is_defect = validation_scores(card)
-    point, curve = choose_operating_point(
-        p,
-        is_defect,
-        cost_ratio=cost_ratio,
-        max_escape=max_escape,
-        target_auto_accuracy=target_auto_accuracy,
-        confidence=confidence,
-    )
+    point, curve = choose_operating_point(p, is_defect, criteria)
     assert card.calibration is not None  # validation_scores checked
     new = ModelCard.model_validate(
         {

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -75,6 +78,60 @@ class Verdict(StrEnum):
     SCRAP = "scrap"
 
 
+@dataclass(frozen=True)
+class OperatingCriteria:
+    """What an operating point is chosen for (None: not used); see
+    `cellinspect.models.calibration.choose_operating_point` for what each one means.
+
+    The one place where their ranges and combinations are checked, for the training config,
+    export and `models set-operating-point` alike. A dataclass, not a pydantic model: its
+    errors are plain one-line ValueErrors that the CLI prints as they are.
+    """
+
+    cost_ratio: float | None = None  # cost of scrapping a good cell / of an escape
+    max_escape: float | None = None  # highest share of defective cells passed
+    target_auto_accuracy: float | None = None  # review band: accuracy of automatic decisions
+    confidence: float | None = None  # one-sided, for max_escape and target_auto_accuracy
+
+    def __post_init__(self) -> None:
+        r, e, a, c = self.cost_ratio, self.max_escape, self.target_auto_accuracy, self.confidence
+        if r is not None and not (r > 0 and math.isfinite(r)):
+            raise ValueError(f"cost_ratio must be a positive number, got {r}")
+        if e is not None and not 0 <= e <= 1:
+            raise ValueError(f"max_escape must be within [0, 1], got {e}")
+        if a is not None and not 0 < a <= 1:
+            raise ValueError(f"target_auto_accuracy must be within (0, 1], got {a}")
+        if c is not None:
+            if not 0 < c < 1:
+                raise ValueError(f"confidence must be within (0, 1), got {c}")
+            if e is None and a is None:
+                raise ValueError("confidence bounds max_escape or target_auto_accuracy: give one")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> OperatingCriteria:
+        """The criteria among `values` (a training config, a card's point); others ignored."""
+        return cls(**{f.name: values.get(f.name) for f in fields(cls)})
+
+    def given(self) -> dict[str, float]:
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+    @property
+    def chooses(self) -> bool:
+        """Whether they choose thresholds at all (a confidence alone cannot)."""
+        return any(
+            v is not None for v in (self.cost_ratio, self.max_escape, self.target_auto_accuracy)
+        )
+
+    @property
+    def method(self) -> str:
+        """How a point chosen for them is named on its card: "cost_ratio+max_escape", ..."""
+        return "+".join(self.given())
+
+    def or_else(self, fallback: OperatingCriteria) -> OperatingCriteria:
+        """Each criterion not given here taken from `fallback`."""
+        return OperatingCriteria.from_mapping({**fallback.given(), **self.given()})
+
+
 class OperatingPoint(BaseModel):
     """Maps the calibrated defect probability p = 1 - P(good class) to a verdict.
 
@@ -119,6 +176,11 @@ class OperatingPoint(BaseModel):
         if self.review_low > self.scrap_threshold:
             raise ValueError("review_low must not exceed scrap_threshold")
         return self
+
+    @property
+    def criteria(self) -> OperatingCriteria:
+        """What the point was chosen for (none for the default point)."""
+        return OperatingCriteria.from_mapping(self.model_dump())
 
     def verdict(self, defect_probability: float) -> Verdict:
         if defect_probability >= self.scrap_threshold:

@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from cellinspect.datasets.preprocess import ResizeMode
-from cellinspect.models.card import ViewSet, check_views_fit
+from cellinspect.models.card import OperatingCriteria, ViewSet, check_views_fit
 from cellinspect.training.augment import AugmentPreset
 from cellinspect.training.choices import ExportCheckpoint, FitSplits
 from cellinspect.training.networks import Arch
@@ -91,13 +91,14 @@ class TrainConfig(BaseModel):
     skip_bad: bool = False  # skip unreadable images (counted) instead of failing
     max_pixels: int = Field(40_000_000, ge=1)
     # Operating point chosen at export from the validation split (None: not used; all None:
-    # the 0.5 threshold). See cellinspect.models.calibration.choose_operating_point.
-    cost_ratio: float | None = Field(None, gt=0)  # cost of scrapping a good cell / of an escape
-    max_escape: float | None = Field(None, ge=0, le=1)  # highest share of defects passed
-    target_auto_accuracy: float | None = Field(None, gt=0, le=1)  # review band: auto accuracy
+    # the 0.5 threshold), checked as OperatingCriteria. See
+    # cellinspect.models.calibration.choose_operating_point.
+    cost_ratio: float | None = None  # cost of scrapping a good cell / of an escape
+    max_escape: float | None = None  # highest share of defects passed
+    target_auto_accuracy: float | None = None  # review band: auto accuracy
     # One-sided confidence at which max_escape and target_auto_accuracy must hold (None: on
     # the validation cells as measured).
-    confidence: float | None = Field(None, gt=0, lt=1)
+    confidence: float | None = None
     # The checkpoint export publishes (its --checkpoint overrides). `best` picks an epoch on
     # the validation split, which then flatters the temperature and operating point fitted
     # there; `last` keeps validation unseen by any choice, for a schedule that decays to the
@@ -144,9 +145,8 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _check_confidence(self) -> TrainConfig:
-        if self.confidence is not None and self.max_escape is self.target_auto_accuracy is None:
-            raise ValueError("confidence bounds max_escape or target_auto_accuracy: set one")
+    def _check_criteria(self) -> TrainConfig:
+        OperatingCriteria.from_mapping(vars(self))  # a bad range or combination: ValueError
         return self
 
     @model_validator(mode="after")

@@ -39,6 +39,7 @@ from cellinspect.models.card import (
     EvalMetrics,
     HeatmapSource,
     ModelCard,
+    OperatingCriteria,
     ViewSet,
 )
 from cellinspect.models.leakage import TRAINING_HASHES_FILE, training_hashes_text
@@ -303,11 +304,7 @@ def calibrate(
     logits: np.ndarray,
     labels: np.ndarray,
     data: DatasetRef,
-    *,
-    cost_ratio: float | None = None,
-    max_escape: float | None = None,
-    target_auto_accuracy: float | None = None,
-    confidence: float | None = None,
+    criteria: OperatingCriteria,
 ) -> None:
     """Fit the card's temperature on validation logits, store them, and set its operating point.
 
@@ -325,17 +322,10 @@ def calibrate(
     )
     # Scores from the stored (rounded) logits, so `models set-operating-point` reproduces them.
     p, is_defect = validation_scores(card)
-    if cost_ratio is None and max_escape is None and target_auto_accuracy is None:
-        point, curve = measure_operating_point(p, is_defect, card.operating_point)
+    if criteria.chooses:
+        point, curve = choose_operating_point(p, is_defect, criteria)
     else:
-        point, curve = choose_operating_point(
-            p,
-            is_defect,
-            cost_ratio=cost_ratio,
-            max_escape=max_escape,
-            target_auto_accuracy=target_auto_accuracy,
-            confidence=confidence,
-        )
+        point, curve = measure_operating_point(p, is_defect, card.operating_point)
     card.operating_point = point
     card.calibration.trade_off = curve
 
@@ -364,7 +354,7 @@ def evaluate_card(
     manifest: Manifest,
     heldout: str | Path | None,
     max_pixels: int,
-    criteria: dict[str, float | None],
+    criteria: OperatingCriteria,
     *,
     reliability_plot: Path | None = None,
     score_test: bool = True,
@@ -383,7 +373,7 @@ def evaluate_card(
     if val:
         logits, labels = split_logits(calibrator or loaded, val, max_pixels)
         data = DatasetRef(manifest_hash=manifest.hash, split=Split.VAL.value, count=len(val))
-        calibrate(card, logits, labels, data, **criteria)
+        calibrate(card, logits, labels, data, criteria)
         if reliability_plot is not None:
             write_reliability_plot(card, logits, labels, reliability_plot)
         card.metrics[Split.VAL.value] = evaluate_predictions(
@@ -441,10 +431,7 @@ def export_run(
     heldout: str | Path | None = None,
     parity_samples: int = 64,
     tolerance: float = PARITY_TOLERANCE,
-    cost_ratio: float | None = None,
-    max_escape: float | None = None,
-    target_auto_accuracy: float | None = None,
-    confidence: float | None = None,
+    criteria: OperatingCriteria | None = None,
     views: ViewSet | None = None,
     score_test: bool = True,
     checkpoint: ExportCheckpoint | None = None,
@@ -454,12 +441,13 @@ def export_run(
     validation split, evaluate (the test split too unless `score_test` is off), and publish
     a new version.
 
-    Operating-point criteria, test-time `views` and the `checkpoint` not given here are read
-    from the training config when it has them; with no criteria, the default point is kept
-    (see `calibrate`). A run fitted on train+val needs `calibrate_with`, its twin fitted on
-    train alone (`calibration_twin`): the twin's validation predictions fit the temperature
-    and operating point, as scikit-learn's CalibratedClassifierCV(ensemble=False) calibrates
-    a model refitted on all data with predictions of models that did not see them.
+    Operating-point `criteria`, test-time `views` and the `checkpoint` not given here are
+    read from the training config when it has them (each criterion on its own); with no
+    criteria, the default point is kept (see `calibrate`). A run fitted on train+val needs
+    `calibrate_with`, its twin fitted on train alone (`calibration_twin`): the twin's
+    validation predictions fit the temperature and operating point, as scikit-learn's
+    CalibratedClassifierCV(ensemble=False) calibrates a model refitted on all data with
+    predictions of models that did not see them.
     """
     run_dir = Path(run_dir)
     ckpt, views = Checkpoint.load(run_dir, checkpoint).with_views(views)
@@ -478,13 +466,9 @@ def export_run(
         )
     twin_dir = None if calibrate_with is None else Path(calibrate_with).absolute()
     twin = None if twin_dir is None else calibration_twin(twin_dir, ckpt, views, run_dir)
-    criteria = {
-        "cost_ratio": cost_ratio,
-        "max_escape": max_escape,
-        "target_auto_accuracy": target_auto_accuracy,
-        "confidence": confidence,
-    }
-    criteria = {k: v if v is not None else ckpt.config.get(k) for k, v in criteria.items()}
+    criteria = (criteria or OperatingCriteria()).or_else(
+        OperatingCriteria.from_mapping(ckpt.config)
+    )
     manifest = load_manifest(ckpt.manifest_path)
     if manifest.hash != ckpt.manifest_hash:
         raise ValueError(

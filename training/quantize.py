@@ -33,6 +33,7 @@ from cellinspect.models.card import (
     LOGITS_NAME,
     PROBABILITIES_NAME,
     ModelCard,
+    OperatingCriteria,
     ViewSet,
 )
 from cellinspect.models.evaluate import measure_throughput
@@ -366,14 +367,10 @@ def export_int8(
     seed: int = CALIBRATION_SEED,
     gate: float = INT8_AGREEMENT_GATE,
     per_channel: bool = True,
-    cost_ratio: float | None = None,
-    max_escape: float | None = None,
-    target_auto_accuracy: float | None = None,
-    confidence: float | None = None,
+    criteria: OperatingCriteria | None = None,
     views: ViewSet | None = None,
     score_test: bool = True,
     checkpoint: ExportCheckpoint | None = None,
-    calibrate_with: str | Path | None = None,
 ) -> tuple[ModelCard, ModelCard]:
     """Export the run to FP32 (parity-gated, as `export_run`), quantize it to INT8, gate on
     top-1 agreement on the validation split, evaluate, and publish both: (fp32, int8) cards.
@@ -391,12 +388,6 @@ def export_int8(
             "model on its own training images (no INT8 twin); export it in FP32, without "
             "--quantize"
         )
-    criteria = {
-        "cost_ratio": cost_ratio,
-        "max_escape": max_escape,
-        "target_auto_accuracy": target_auto_accuracy,
-        "confidence": confidence,
-    }
     with tempfile.TemporaryDirectory(prefix="cellinspect-int8-") as tmp:
         # The FP32 export goes to a private store first, so a refused INT8 publishes nothing.
         staging = ModelStore(Path(tmp) / "staging")
@@ -408,15 +399,14 @@ def export_int8(
             views=views,
             score_test=score_test,
             checkpoint=checkpoint,
-            calibrate_with=calibrate_with,  # refused: for train+val runs only
-            **criteria,
+            criteria=criteria,
         )
         _, fp32_path = staging.load_verified(f"{name}@{fp32_card.version}")
 
         manifest = load_manifest(state["manifest_path"])
         # The INT8 version is calibrated for what its FP32 twin was (given or from the config),
         # on images read as the FP32 export read them.
-        criteria = {k: getattr(fp32_card.operating_point, k) for k in criteria}
+        criteria = fp32_card.operating_point.criteria
         max_pixels = int(fp32_card.training_config.get("max_pixels", DEFAULT_MAX_PIXELS))
         by_split = {split: [s for s in manifest.samples if s.split == split] for split in Split}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from cellinspect.models.calibration import (
     reliability_diagram,
     validation_scores,
 )
-from cellinspect.models.card import DatasetRef, ModelCard, OperatingPoint
+from cellinspect.models.card import DatasetRef, ModelCard, OperatingCriteria, OperatingPoint
 from cellinspect.models.predict import softmax
 
 # Hand-checkable validation cells: scores and truth (1 = defective).
@@ -106,7 +107,7 @@ def test_reliability_diagram_writes_a_png(tmp_path) -> None:
 def test_cost_ratio_uses_bayes_threshold_inside_the_cheapest_gap() -> None:
     # R = 0.3: passing 0.1 and 0.2 and scrapping the rest costs 0.3 (the good cell at 0.6),
     # the minimum; the Bayes threshold 0.3 / 1.3 = 0.2308 falls in that gap (0.2, 0.3].
-    point, _ = choose_operating_point(P, DEFECT, cost_ratio=0.3)
+    point, _ = choose_operating_point(P, DEFECT, OperatingCriteria(cost_ratio=0.3))
     assert point.scrap_threshold == point.review_low == pytest.approx(0.3 / 1.3)
     assert point.method == "cost_ratio" and point.cost_ratio == 0.3
 
@@ -114,7 +115,7 @@ def test_cost_ratio_uses_bayes_threshold_inside_the_cheapest_gap() -> None:
 def test_cost_ratio_ties_go_to_the_gap_nearest_the_bayes_threshold() -> None:
     # R = 1: passing <= 0.2 and passing <= 0.6 both cost one error; the Bayes threshold 0.5
     # lies between them (in a dearer gap), nearer the midpoint 0.65 than 0.25.
-    point, _ = choose_operating_point(P, DEFECT, cost_ratio=1.0)
+    point, _ = choose_operating_point(P, DEFECT, OperatingCriteria(cost_ratio=1.0))
     assert point.scrap_threshold == pytest.approx(0.65)
     assert point.val_escape_rate == pytest.approx(1 / 3) and point.val_false_scrap_rate == 0
 
@@ -122,7 +123,7 @@ def test_cost_ratio_ties_go_to_the_gap_nearest_the_bayes_threshold() -> None:
 @pytest.mark.parametrize(("seed", "ratio"), list(itertools.product(range(5), [0.1, 0.5, 1.0, 4.0])))
 def test_cost_ratio_threshold_matches_brute_force(seed: int, ratio: float) -> None:
     p, defect = random_cells(seed)
-    point, _ = choose_operating_point(p, defect, cost_ratio=ratio)
+    point, _ = choose_operating_point(p, defect, OperatingCriteria(cost_ratio=ratio))
     best = min(cost(p, defect, t, ratio) for t in np.linspace(0, 1, 2001))
     best = min(best, *(cost(p, defect, t, ratio) for t in candidate_thresholds(p)))
     assert cost(p, defect, point.scrap_threshold, ratio) == pytest.approx(best)
@@ -130,7 +131,7 @@ def test_cost_ratio_threshold_matches_brute_force(seed: int, ratio: float) -> No
 
 @pytest.mark.parametrize(("max_escape", "threshold"), [(0.34, 0.65), (0.3, 0.25), (0.0, 0.25)])
 def test_max_escape_picks_the_highest_threshold_within_budget(max_escape, threshold) -> None:
-    point, _ = choose_operating_point(P, DEFECT, max_escape=max_escape)
+    point, _ = choose_operating_point(P, DEFECT, OperatingCriteria(max_escape=max_escape))
     assert point.scrap_threshold == pytest.approx(threshold)
     assert point.val_escape_rate is not None and point.val_escape_rate <= max_escape
 
@@ -140,7 +141,7 @@ def test_max_escape_picks_the_highest_threshold_within_budget(max_escape, thresh
 )
 def test_max_escape_matches_brute_force(seed: int, max_escape: float) -> None:
     p, defect = random_cells(seed)
-    point, _ = choose_operating_point(p, defect, max_escape=max_escape)
+    point, _ = choose_operating_point(p, defect, OperatingCriteria(max_escape=max_escape))
     figures = measure_figures(p, defect, point.review_low, point.scrap_threshold)
     assert figures.escape_rate <= max_escape
     within = [
@@ -154,7 +155,7 @@ def test_max_escape_matches_brute_force(seed: int, max_escape: float) -> None:
 
 def test_target_auto_accuracy_reviews_only_the_mixed_middle() -> None:
     # 0.3 (defective) scores below 0.6 (good): one of them must be reviewed or wrong.
-    point, curve = choose_operating_point(P, DEFECT, target_auto_accuracy=1.0)
+    point, curve = choose_operating_point(P, DEFECT, OperatingCriteria(target_auto_accuracy=1.0))
     assert (point.review_low, point.scrap_threshold) == pytest.approx((0.25, 0.65))
     assert point.val_review_rate == pytest.approx(2 / 6) and point.val_auto_accuracy == 1.0
     assert curve[0].review_rate == 0 and curve[-1].auto_accuracy == 1.0
@@ -163,7 +164,7 @@ def test_target_auto_accuracy_reviews_only_the_mixed_middle() -> None:
 @pytest.mark.parametrize(("seed", "target"), list(itertools.product(range(5), [0.8, 0.9, 0.97])))
 def test_target_auto_accuracy_has_minimal_review_rate(seed: int, target: float) -> None:
     p, defect = random_cells(seed)
-    point, _ = choose_operating_point(p, defect, target_auto_accuracy=target)
+    point, _ = choose_operating_point(p, defect, OperatingCriteria(target_auto_accuracy=target))
     assert point.val_auto_accuracy is not None and point.val_auto_accuracy >= target
     thresholds = candidate_thresholds(p)
     reachable = [
@@ -176,9 +177,9 @@ def test_target_auto_accuracy_has_minimal_review_rate(seed: int, target: float) 
 
 def test_combined_criteria_band_straddles_the_cost_threshold_and_keeps_escapes() -> None:
     p, defect = random_cells(3, n=300)
-    alone, _ = choose_operating_point(p, defect, cost_ratio=0.5, max_escape=0.1)
+    alone, _ = choose_operating_point(p, defect, OperatingCriteria(cost_ratio=0.5, max_escape=0.1))
     point, curve = choose_operating_point(
-        p, defect, cost_ratio=0.5, max_escape=0.1, target_auto_accuracy=0.95
+        p, defect, OperatingCriteria(cost_ratio=0.5, max_escape=0.1, target_auto_accuracy=0.95)
     )
     assert point.review_low <= alone.scrap_threshold <= point.scrap_threshold
     assert point.val_escape_rate is not None and point.val_escape_rate <= 0.1
@@ -212,8 +213,8 @@ def test_confidence_bounds_are_clopper_pearson_and_cover_the_true_rate() -> None
 
 def test_max_escape_at_a_confidence_allows_only_escapes_the_bound_covers() -> None:
     p, defect = random_cells(1, n=400)
-    plain, _ = choose_operating_point(p, defect, max_escape=0.1)
-    held, _ = choose_operating_point(p, defect, max_escape=0.1, confidence=0.95)
+    plain, _ = choose_operating_point(p, defect, OperatingCriteria(max_escape=0.1))
+    held, _ = choose_operating_point(p, defect, OperatingCriteria(max_escape=0.1, confidence=0.95))
     n_defect = int(defect.sum())
     escapes = int(np.sum(defect & (p < held.scrap_threshold)))
     bounds = escape_upper_bounds(n_defect, 0.95)
@@ -231,8 +232,10 @@ def test_max_escape_at_a_confidence_allows_only_escapes_the_bound_covers() -> No
 
 def test_target_accuracy_at_a_confidence_has_minimal_review_among_bands_it_covers() -> None:
     p, defect = random_cells(2, n=300)
-    point, _ = choose_operating_point(p, defect, target_auto_accuracy=0.9, confidence=0.9)
-    plain, _ = choose_operating_point(p, defect, target_auto_accuracy=0.9)
+    point, _ = choose_operating_point(
+        p, defect, OperatingCriteria(target_auto_accuracy=0.9, confidence=0.9)
+    )
+    plain, _ = choose_operating_point(p, defect, OperatingCriteria(target_auto_accuracy=0.9))
     thresholds = candidate_thresholds(p)
 
     def bound(low: float, high: float) -> tuple[float, float]:
@@ -258,18 +261,50 @@ def test_target_accuracy_at_a_confidence_has_minimal_review_among_bands_it_cover
 def test_confidence_needs_enough_defects_and_a_criterion_to_hold() -> None:
     # 3 defective cells cannot show <= 5% escapes at 95%: even 0 of 59 would be needed.
     with pytest.raises(ValueError, match="3 defective validation cells .* at least 59"):
-        choose_operating_point(P, DEFECT, max_escape=0.05, confidence=0.95)
+        choose_operating_point(P, DEFECT, OperatingCriteria(max_escape=0.05, confidence=0.95))
     with pytest.raises(ValueError, match="confidence bounds max_escape"):
-        choose_operating_point(P, DEFECT, cost_ratio=1.0, confidence=0.95)
+        choose_operating_point(P, DEFECT, OperatingCriteria(cost_ratio=1.0, confidence=0.95))
     with pytest.raises(ValueError, match="within \\(0, 1\\)"):
-        choose_operating_point(P, DEFECT, max_escape=0.5, confidence=1.0)
+        choose_operating_point(P, DEFECT, OperatingCriteria(max_escape=0.5, confidence=1.0))
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"cost_ratio": 0.0}, "cost_ratio must be a positive number"),
+        ({"cost_ratio": math.inf}, "cost_ratio must be a positive number"),
+        ({"max_escape": 1.5}, r"max_escape must be within \[0, 1\]"),
+        ({"max_escape": math.nan}, r"max_escape must be within \[0, 1\]"),
+        ({"target_auto_accuracy": 0.0}, r"target_auto_accuracy must be within \(0, 1\]"),
+        ({"max_escape": 0.1, "confidence": 0.0}, r"confidence must be within \(0, 1\)"),
+        ({"confidence": 0.9}, "confidence bounds max_escape or target_auto_accuracy"),
+    ],
+)
+def test_criteria_refuse_bad_ranges_and_a_lone_confidence(given, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        OperatingCriteria(**given)
+
+
+def test_criteria_name_their_method_and_fill_gaps_from_a_fallback() -> None:
+    config = {"cost_ratio": 1.0, "target_auto_accuracy": 0.98, "lr": 0.002}
+    from_config = OperatingCriteria.from_mapping(config)  # other keys are not criteria
+    assert from_config == OperatingCriteria(cost_ratio=1.0, target_auto_accuracy=0.98)
+    assert from_config.method == "cost_ratio+target_auto_accuracy" and from_config.chooses
+    given = OperatingCriteria(cost_ratio=0.5, max_escape=0.05, confidence=0.9)
+    merged = given.or_else(from_config)
+    assert merged == OperatingCriteria(0.5, 0.05, 0.98, 0.9)  # each criterion on its own
+    assert OperatingCriteria().or_else(from_config) == from_config
+    assert not OperatingCriteria().chooses and OperatingCriteria().method == ""
+    chosen = OperatingCriteria(cost_ratio=0.5).or_else(from_config)
+    point, _ = choose_operating_point(P, DEFECT, chosen)
+    assert point.criteria == chosen and point.method == "cost_ratio+target_auto_accuracy"
 
 
 def test_operating_point_needs_a_criterion_and_defects_for_escapes() -> None:
     with pytest.raises(ValueError, match="at least one"):
-        choose_operating_point(P, DEFECT)
+        choose_operating_point(P, DEFECT, OperatingCriteria())
     with pytest.raises(ValueError, match="no defective cells"):
-        choose_operating_point(P, np.zeros(6, bool), max_escape=0.1)
+        choose_operating_point(P, np.zeros(6, bool), OperatingCriteria(max_escape=0.1))
 
 
 def test_measured_default_point_keeps_its_thresholds() -> None:

@@ -19,7 +19,13 @@ from cellinspect.datasets.manifest import load_manifest
 from cellinspect.datasets.preprocess import PreprocessSpec, preprocess_batch
 from cellinspect.datasets.samples import Split
 from cellinspect.datasets.synth import SynthKind
-from cellinspect.models.card import HEATMAP_NAME, INPUT_NAME, LOGITS_NAME, ViewSet
+from cellinspect.models.card import (
+    HEATMAP_NAME,
+    INPUT_NAME,
+    LOGITS_NAME,
+    OperatingCriteria,
+    ViewSet,
+)
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.store import ModelStore
 from cellinspect.training.augment import AugmentPreset, build_augmentation
@@ -156,9 +162,7 @@ def test_export_chooses_the_operating_point_for_the_criteria_given(trained_run, 
         trained_run.run_dir,
         store=store,
         name="tiny-electrode",
-        cost_ratio=1.0,
-        target_auto_accuracy=0.5,
-        confidence=0.6,
+        criteria=OperatingCriteria(cost_ratio=1.0, target_auto_accuracy=0.5, confidence=0.6),
     )
     point = store.card("tiny-electrode@1").operating_point
     assert point == card.operating_point
@@ -360,7 +364,15 @@ def test_a_refit_exports_only_with_a_twin_fitted_on_train(trained_run, refit_run
         export_run(trained_run.run_dir, store=store, name="x", calibrate_with=refit_run.run_dir)
     # INT8 would gate and calibrate its INT8 model on the refit's own training images.
     with pytest.raises(ValueError, match=r"fitted on train\+val: INT8 export"):
-        export_int8(refit_run.run_dir, store=store, name="x", calibrate_with=trained_run.run_dir)
+        export_int8(refit_run.run_dir, store=store, name="x")
+    refused = CliRunner().invoke(
+        app,
+        ["export", str(refit_run.run_dir), "--name", "x", "--store", str(store.root)]
+        + ["--quantize", "int8", "--calibrate-with", str(trained_run.run_dir)],
+    )
+    # (main() prints a ValueError as one line and exits 2; the runner calls the app under it)
+    assert isinstance(refused.exception, ValueError)
+    assert "have no INT8 export" in str(refused.exception) and store.versions("x") == []
 
 
 def test_a_refit_twin_must_share_data_input_and_network(

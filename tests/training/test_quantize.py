@@ -18,7 +18,13 @@ from cellinspect.cli import app
 from cellinspect.cli.data import synthesize
 from cellinspect.datasets.preprocess import PreprocessSpec
 from cellinspect.datasets.synth import SynthKind
-from cellinspect.models.card import HEATMAP_NAME, LOGITS_NAME, PROBABILITIES_NAME, ViewSet
+from cellinspect.models.card import (
+    HEATMAP_NAME,
+    LOGITS_NAME,
+    PROBABILITIES_NAME,
+    OperatingCriteria,
+    ViewSet,
+)
 from cellinspect.models.predict import LoadedModel
 from cellinspect.models.runtime import create_session
 from cellinspect.models.store import ModelStore
@@ -215,9 +221,7 @@ def test_int8_of_a_graph_with_test_time_views_keeps_them_criteria_and_skips_the_
         gate=0.0,
         views=ViewSet.FLIPS,
         score_test=False,
-        cost_ratio=1.0,
-        target_auto_accuracy=0.5,
-        confidence=0.6,
+        criteria=OperatingCriteria(cost_ratio=1.0, target_auto_accuracy=0.5, confidence=0.6),
     )
     assert fp32.test_time_views is int8.test_time_views is ViewSet.FLIPS
     # The INT8 version is calibrated for the criteria its FP32 twin was.

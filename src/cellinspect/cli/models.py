@@ -216,17 +216,12 @@ def set_operating_point(
     """Re-choose the thresholds from the version's stored validation predictions and publish
     them as a new version (same ONNX file). Options combine; aliases are not moved."""
     from cellinspect.models.calibration import publish_operating_point
+    from cellinspect.models.card import OperatingCriteria
 
-    if cost_ratio is None and max_escape is None and target_auto_accuracy is None:
+    criteria = OperatingCriteria(cost_ratio, max_escape, target_auto_accuracy, confidence)
+    if not criteria.chooses:
         raise ValueError("give at least one of --cost-ratio, --max-escape, --target-auto-accuracy")
-    card = publish_operating_point(
-        open_store(store),
-        parse_model_ref(ref),
-        cost_ratio=cost_ratio,
-        max_escape=max_escape,
-        target_auto_accuracy=target_auto_accuracy,
-        confidence=confidence,
-    )
+    card = publish_operating_point(open_store(store), parse_model_ref(ref), criteria)
     console.print(f"published {card.name}@{card.version} from {card.derived_from}")
     render_operating_point(card.operating_point)
     console.print(f"serve it with: cellinspect models promote {card.name} {card.version}")

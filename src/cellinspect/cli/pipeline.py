@@ -154,6 +154,11 @@ def export(
     from cellinspect.training.export import export_run
 
     parse_model_ref(name)  # refuse a bad name before minutes of work
+    if quantize is not Quantize.NONE and calibrate_with is not None:
+        raise ValueError(
+            "--calibrate-with is for runs fitted on train+val, which have no INT8 export "
+            "(their INT8 gate would run on training images); drop --quantize"
+        )
     # The same export either way; --quantize int8 adds a second version after it.
     options = {
         "store": ModelStore(store_root(store)),
@@ -162,10 +167,9 @@ def export(
         "views": views,
         "score_test": score_test,
         "checkpoint": checkpoint,
-        "calibrate_with": calibrate_with,
     }
     if quantize is Quantize.NONE:
-        card = export_run(run_dir, **options)
+        card = export_run(run_dir, calibrate_with=calibrate_with, **options)
         console.print(f"published {card.name}@{card.version} (sha256 {card.onnx_sha256[:12]})")
         render_card(card)
         return

@@ -136,7 +136,7 @@ def export(
         help="For a run fitted on train+val (its validation images are training images): a "
         "twin run of the same recipe and data fitted on train alone, whose validation "
         "predictions (same checkpoint choice and views) fit the temperature and operating "
-        "point.",
+        "point. Not with --quantize: such a run has no INT8 export.",
     ),
     score_test: bool = typer.Option(
         True,

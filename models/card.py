@@ -180,7 +180,7 @@ class OperatingPoint(BaseModel):
     @property
     def criteria(self) -> OperatingCriteria:
         """What the point was chosen for (none for the default point)."""
-        return OperatingCriteria.from_mapping(self.model_dump())
+        return OperatingCriteria.from_mapping(vars(self))
 
     def verdict(self, defect_probability: float) -> Verdict:
         if defect_probability >= self.scrap_threshold:

@@ -133,12 +133,12 @@ def read_checkpoint(run_dir: Path, which: ExportCheckpoint) -> dict:
     """The raw state of the run's best or last checkpoint (no model is built)."""
     path = run_dir / (BEST if which is ExportCheckpoint.BEST else LAST)
     if not path.is_file():
-        if which is ExportCheckpoint.BEST and (run_dir / LAST).is_file():
-            raise FileNotFoundError(
-                f"{path}: no best checkpoint (a run fitted on train+val picks no epoch); "
-                "export its last one"
-            )
         if which is ExportCheckpoint.BEST:
+            if (run_dir / LAST).is_file():
+                raise FileNotFoundError(
+                    f"{path}: no best checkpoint (a run fitted on train+val picks no epoch); "
+                    "export its last one"
+                )
             raise FileNotFoundError(f"{path}: no best checkpoint; train this run first")
         raise FileNotFoundError(f"{path}: no last checkpoint in this run; train it first")
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -476,18 +476,18 @@ def export_run(
         )
     max_pixels = int(ckpt.config.get("max_pixels", DEFAULT_MAX_PIXELS))
     by_split = {split: [s for s in manifest.samples if s.split == split] for split in Split}
-    calibrated_with = (
-        {}
-        if twin is None
-        else {
-            "calibrated_with": {
-                "run": str(twin_dir),
-                "checkpoint": twin.which.value,
-                "epoch": twin.epoch,
-                "seed": twin.config.get("seed"),
-            }
+    training_config = {
+        **ckpt.config,
+        "exported_checkpoint": ckpt.which.value,
+        "exported_epoch": ckpt.epoch,
+    }
+    if twin is not None:
+        training_config["calibrated_with"] = {
+            "run": str(twin_dir),
+            "checkpoint": twin.which.value,
+            "epoch": twin.epoch,
+            "seed": twin.config.get("seed"),
         }
-    )
     card = ModelCard(
         name=name,
         arch=str(ckpt.config["arch"]),
@@ -500,12 +500,7 @@ def export_run(
             split=fit_on.value,
             count=sum(len(by_split[split]) for split in fit_on.splits),
         ),
-        training_config={
-            **ckpt.config,
-            "exported_checkpoint": ckpt.which.value,
-            "exported_epoch": ckpt.epoch,
-            **calibrated_with,
-        },
+        training_config=training_config,
         code_commit=code_commit(),
         output_names=output_names(ckpt.model),
         heatmap=heatmap_source(ckpt.model),
